@@ -1,0 +1,81 @@
+"""Local engine: trace what the store lacks, in this process, one shard at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tokentrail.store import TraceStore
+from tokentrail.trace import Tracer
+
+
+@dataclass
+class TraceReport:
+    traced: int
+    reused: int
+    shards_written: int
+    forward_passes: int
+    problems: list[str] = field(default_factory=list)
+
+
+class _RateColumn(TextColumn):
+    """Prompts per second, the figure a user compares between models and machines."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        return self.text_format if speed is None else f"{speed:6.1f} prompts/s"
+
+
+def progress_bar(console: Console | None = None, disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]tracing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=False,
+        disable=disable,
+    )
+
+
+def trace_into_store(
+    store: TraceStore,
+    texts: Sequence[str],
+    make_tracer: Callable[[], Tracer],
+    shard_size: int = 64,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> TraceReport:
+    """Trace the texts the store does not hold yet; the model is only built when something is missing.
+
+    Each shard is committed as soon as it is traced, so an interrupted run loses at most one shard of work.
+    """
+    missing = store.missing(texts)
+    problems = list(store.problems)
+    unique = len(set(texts))
+    if not missing:
+        return TraceReport(traced=0, reused=unique, shards_written=0, forward_passes=0, problems=problems)
+    tracer = make_tracer()
+    shards = 0
+    with progress_bar(console, disable=not show_progress) as progress:
+        task = progress.add_task("trace", total=len(missing))
+        for start in range(0, len(missing), shard_size):
+            chunk = list(missing[start : start + shard_size])
+            store.add(tracer.trace(chunk))
+            shards += 1
+            progress.advance(task, len(chunk))
+    return TraceReport(
+        traced=len(missing),
+        reused=unique - len(missing),
+        shards_written=shards,
+        forward_passes=tracer.n_forward_passes,
+        problems=problems,
+    )

@@ -1,0 +1,250 @@
+"""Run directories: what a run was made from (`run.json`), its store, and the steps that fill it.
+
+    RUN_DIR/run.json      settings, prompts, versions, last trace report
+    RUN_DIR/store/        the TraceStore
+    RUN_DIR/metrics/      analysis tables (CSV) and RUN_DIR/summary.json
+    RUN_DIR/figures/      static, interactive and animated figures
+    RUN_DIR/report.html   one offline page with all of it
+
+Each step reads what the previous one wrote, so `analyze`, `plot` and `report` never need the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokentrail import __version__
+from tokentrail.engines.local import TraceReport, trace_into_store
+from tokentrail.errors import StoreError, TokentrailError
+from tokentrail.models import LoadedModel, fingerprint, load_model, resolve_source
+from tokentrail.prompts import Prompt, PromptSet
+from tokentrail.store import TraceStore, atomic_write_bytes, atomic_write_json
+from tokentrail.trace import Trace, TraceOptions, Tracer
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    spec: str = "default"
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    device_map: str | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.spec, revision=self.revision, dtype=self.dtype, device=self.device,
+                          trust_remote_code=self.trust_remote_code, device_map=self.device_map)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The model's identity from its files alone: a rerun with nothing to trace never loads it."""
+        return fingerprint(resolve_source(self.spec, self.revision), self.dtype)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    batch_size: int = 16
+    shard_size: int = 64
+    padding_side: str = "left"
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    report: TraceReport
+    trace: Trace
+    files: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import transformers
+
+    return {
+        "tokentrail": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise TokentrailError(f"{run_dir}: no such run directory; make one with `tokentrail run --out {run_dir}`")
+    if not path.exists():
+        raise TokentrailError(f"{run_dir}: not a tokentrail run (no {RUN_FILE}); make one with `tokentrail run`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TokentrailError(f"{path}: unreadable ({exc.msg} at line {exc.lineno}); rerun `tokentrail trace`") from None
+
+
+def prompt_set_of(run: dict[str, Any]) -> PromptSet:
+    items = run["prompts"]["items"]
+    return PromptSet(
+        name=run["prompts"]["name"],
+        prompts=[Prompt(id=p["id"], text=p["text"], category=p["category"], label=p.get("label", "")) for p in items],
+        source=run["prompts"]["source"],
+    )
+
+
+def trace_run(
+    run_dir: Path,
+    prompt_set: PromptSet,
+    model: ModelSettings | LoadedModel,
+    options: TraceOptions,
+    batching: BatchSettings = BatchSettings(),
+    show_progress: bool = True,
+    extra_settings: dict[str, Any] | None = None,
+) -> RunOutcome:
+    """Trace what the run's store lacks and record how the run was made.
+
+    `model` is either settings (loaded only if something must be traced) or a model already in memory.
+    """
+    run_dir = Path(run_dir)
+    if isinstance(model, LoadedModel):
+        fp = model.fingerprint
+        model_settings: dict[str, Any] = {"spec": model.name, "in_memory": True}
+
+        def make_tracer() -> Tracer:
+            return Tracer(model, options, batch_size=batching.batch_size, padding_side=batching.padding_side)
+    else:
+        fp = model.fingerprint()
+        model_settings = asdict(model)
+
+        def make_tracer() -> Tracer:
+            return Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
+
+    store = TraceStore.open(run_dir / "store", model=fp, options=options.to_dict())
+    report = trace_into_store(store, prompt_set.texts, make_tracer, shard_size=batching.shard_size,
+                              show_progress=show_progress)
+    previous = read_run(run_dir) if (run_dir / RUN_FILE).exists() else {}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run = {
+        **previous,
+        "tool": "tokentrail",
+        "created": previous.get("created", now),
+        "updated": now,
+        "command": sys.argv,
+        "model": {**model_settings, "fingerprint": fp},
+        "trace_options": options.to_dict(),
+        "batching": asdict(batching),
+        "prompts": {"name": prompt_set.name, "source": prompt_set.source, "items": prompt_set.to_records()},
+        "versions": versions(),
+        "last_trace": asdict(report),
+        **(extra_settings or {}),
+    }
+    atomic_write_json(run_dir / RUN_FILE, run)
+    trace = store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+    return RunOutcome(run_dir=run_dir, report=report, trace=trace)
+
+
+def update_run(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    run = read_run(run_dir)
+    run.update(fields)
+    atomic_write_json(Path(run_dir) / RUN_FILE, run)
+    return run
+
+
+def load_trace(run_dir: Path) -> tuple[dict[str, Any], Trace]:
+    """The run's settings and its prompts' traces, read from the store; no model needed."""
+    run = read_run(run_dir)
+    prompt_set = prompt_set_of(run)
+    store = TraceStore.open(Path(run_dir) / "store")
+    problems = store.verify(prompt_set.texts)
+    if problems:
+        raise StoreError(f"{run_dir}: {problems[0]}; rerun `tokentrail trace` on this run to recompute")
+    missing = [t for t in prompt_set.texts if t not in store]
+    if missing:
+        raise StoreError(f"{run_dir}: {len(missing)} prompt(s) are not traced yet; rerun `tokentrail trace`")
+    return run, store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz with fixed timestamps and order, so the same arrays always give the same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            array = arrays[name]
+            if array.dtype == object:
+                raise TokentrailError(f"export array {name!r} holds Python objects; that would need pickle")
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(info, entry.getvalue())
+    return buffer.getvalue()
+
+
+def export_arrays(trace: Trace, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "states": trace.states,
+        "final_states": trace.final_states,
+        "layers": np.arange(trace.n_layers + 1, dtype=np.int64),
+        "prompts": np.array(trace.prompts, dtype=str),
+        "prompt_ids": np.array(trace.prompt_ids, dtype=str),
+        "categories": np.array(trace.categories, dtype=str),
+        "labels": np.array(trace.labels, dtype=str),
+        "next_token_ids": trace.next_token_ids,
+        "next_token_probs": trace.next_token_probs,
+        "next_tokens": np.array(trace.next_tokens, dtype=str),
+    }
+    if trace.lens_token_ids is not None:
+        arrays["lens_token_ids"] = trace.lens_token_ids
+        arrays["lens_probs"] = trace.lens_probs
+        arrays["lens_tokens"] = np.array(trace.lens_tokens, dtype=str)
+    arrays.update(extra or {})
+    return arrays
+
+
+def write_export(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise TokentrailError(f"export target {path} must end in .npz")
+    atomic_write_bytes(path, _npz_bytes(arrays))
+    return path
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    run = read_run(run_dir)
+    store = TraceStore.open(Path(run_dir) / "store")
+    items = run["prompts"]["items"]
+    categories: dict[str, int] = {}
+    for item in items:
+        categories[item["category"]] = categories.get(item["category"], 0) + 1
+    files = sorted(p for p in Path(run_dir).rglob("*") if p.is_file())
+    return {
+        "run_dir": str(run_dir),
+        "model": run["model"]["fingerprint"]["name"],
+        "model_kind": run["model"]["fingerprint"]["kind"],
+        "weights_sha256": run["model"]["fingerprint"]["weights_sha256"][:16],
+        "dtype": run["model"]["fingerprint"]["dtype"],
+        "n_layers": store.header.get("n_layers"),
+        "hidden_size": store.header.get("hidden_size"),
+        "prompts": len(items),
+        "prompt_set": run["prompts"]["name"],
+        "categories": categories,
+        "trace_options": run["trace_options"],
+        "stored_prompts": len(store),
+        "shards": len(store.shards),
+        "store_bytes": store.size_bytes(),
+        "run_bytes": sum(p.stat().st_size for p in files),
+        "updated": run.get("updated"),
+        "last_trace": run.get("last_trace"),
+    }
+

@@ -1,0 +1,165 @@
+"""TraceStore: content addressing, resumption after SIGKILL, checksum failures, refusal to mix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokentrail.errors import StoreError
+from tokentrail.prompts import PromptSet, load_prompt_file
+from tokentrail.runs import BatchSettings, ModelSettings, load_trace, trace_run
+from tokentrail.store import TraceStore, prompt_key
+from tokentrail.trace import TraceOptions, Tracer
+
+TEXTS = ["The capital of France is", "def f(x):", "Once upon a time", "15 * 44 + 12 =", "All men are mortal."]
+
+
+def prompt_set(texts, categories=None) -> PromptSet:
+    from tokentrail.prompts import Prompt
+
+    categories = categories or ["a", "b", "a", "b", "a", "b", "a", "b"][: len(texts)]
+    return PromptSet("t", [Prompt(f"p{i}", t, c) for i, (t, c) in enumerate(zip(texts, categories))], source="test")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_equals_direct_trace(tmp_path, tiny_loaded):
+    loaded = tiny_loaded("gpt2")
+    outcome = trace_run(tmp_path / "run", prompt_set(TEXTS), loaded, TraceOptions(), BatchSettings(shard_size=2),
+                        show_progress=False)
+    direct = Tracer(loaded, TraceOptions()).trace(TEXTS)
+    _, stored = load_trace(tmp_path / "run")
+    for trace in (outcome.trace, stored):
+        np.testing.assert_array_equal(trace.states, direct.states)
+        np.testing.assert_array_equal(trace.final_states, direct.final_states)
+        np.testing.assert_array_equal(trace.lens_token_ids, direct.lens_token_ids)
+        assert trace.tokens == direct.tokens and trace.lens_tokens == direct.lens_tokens
+        assert trace.next_tokens == direct.next_tokens
+        assert [ids.tolist() for ids in trace.token_ids] == [ids.tolist() for ids in direct.token_ids]
+    assert stored.prompt_ids == [f"p{i}" for i in range(5)] and stored.categories[:2] == ["a", "b"]
+    manifest = json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())
+    assert manifest["n_layers"] == 3 and len(manifest["shards"]) == 3
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["shards"].values())
+
+
+def test_rerun_traces_nothing_and_one_new_prompt_traces_one(tmp_path, tiny_loaded):
+    loaded = tiny_loaded("llama")
+    first = trace_run(tmp_path, prompt_set(TEXTS), loaded, TraceOptions(), show_progress=False)
+    assert (first.report.traced, first.report.forward_passes) == (5, 1)
+    again = trace_run(tmp_path, prompt_set(TEXTS), loaded, TraceOptions(), show_progress=False)
+    assert (again.report.traced, again.report.reused, again.report.forward_passes) == (0, 5, 0)
+    more = trace_run(tmp_path, prompt_set([*TEXTS, "A brand new prompt"]), loaded, TraceOptions(), show_progress=False)
+    assert (more.report.traced, more.report.reused, more.report.forward_passes) == (1, 5, 1)
+    # Recategorising a prompt is not a new trace: the text decides.
+    moved = trace_run(tmp_path, prompt_set(TEXTS, ["z"] * 5), loaded, TraceOptions(), show_progress=False)
+    assert moved.report.traced == 0 and moved.trace.categories == ["z"] * 5
+
+
+def test_nothing_to_trace_never_loads_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    settings = ModelSettings(spec=str(tiny_model_dir))
+    trace_run(tmp_path, prompt_set(TEXTS), settings, TraceOptions(), show_progress=False)
+
+    def refuse(self):
+        raise AssertionError("the model was loaded although every prompt was stored")
+
+    monkeypatch.setattr(ModelSettings, "load", refuse)
+    outcome = trace_run(tmp_path, prompt_set(TEXTS), settings, TraceOptions(), show_progress=False)
+    assert outcome.report.traced == 0
+
+
+def test_corrupt_shard_is_detected_and_recomputed(tmp_path, tiny_loaded):
+    loaded = tiny_loaded("qwen3")
+    clean = trace_run(tmp_path, prompt_set(TEXTS), loaded, TraceOptions(), BatchSettings(shard_size=2),
+                      show_progress=False)
+    shards = sorted((tmp_path / "store" / "shards").glob("*.safetensors"))
+
+    def corrupt(path):
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    corrupt(shards[0])
+    again = trace_run(tmp_path, prompt_set(TEXTS), loaded, TraceOptions(), BatchSettings(shard_size=2),
+                      show_progress=False)
+    assert any("failed its checksum" in p for p in again.report.problems)
+    assert again.report.traced in (1, 2)
+    np.testing.assert_array_equal(again.trace.states, clean.trace.states)
+    assert not shards[0].exists()
+    # Reading without tracing never uses a bad shard either.
+    corrupt(shards[1])
+    with pytest.raises(StoreError, match="failed its checksum"):
+        load_trace(tmp_path)
+
+
+def test_other_model_or_options_are_refused_and_nothing_changes(tmp_path, tiny_loaded):
+    trace_run(tmp_path, prompt_set(TEXTS), tiny_loaded("llama"), TraceOptions(), show_progress=False)
+    before = snapshot(tmp_path)
+    with pytest.raises(StoreError, match="holds traces of model 'tiny-llama'.*refusing to mix"):
+        trace_run(tmp_path, prompt_set(TEXTS), tiny_loaded("gpt2"), TraceOptions(), show_progress=False)
+    with pytest.raises(StoreError, match="other options .position differ.; refusing to mix"):
+        trace_run(tmp_path, prompt_set(TEXTS), tiny_loaded("llama"), TraceOptions(position="0"), show_progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_content_keys_and_duplicates(tmp_path, tiny_loaded):
+    store = TraceStore.open(tmp_path, model={"weights_sha256": "x", "dtype": "float32"}, options={})
+    trace = Tracer(tiny_loaded("llama")).trace(TEXTS[:2])
+    store.add(trace)
+    assert TEXTS[0] in store and len(store) == 2
+    assert store.missing([TEXTS[0], TEXTS[2], TEXTS[2]]) == [TEXTS[2]]
+    assert prompt_key("a") != prompt_key("a ")
+
+
+def test_position_all_round_trip(tmp_path, tiny_loaded):
+    loaded = tiny_loaded("gpt2")
+    outcome = trace_run(tmp_path, prompt_set(TEXTS), loaded, TraceOptions(position="all"), show_progress=False)
+    direct = Tracer(loaded, TraceOptions(position="all")).trace(TEXTS)
+    for stored, fresh in zip(outcome.trace.token_states, direct.token_states):
+        np.testing.assert_array_equal(stored, fresh)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from tokentrail.cli import entry; entry()", *args]
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"# c{i % 3}\nprompt number {i} says {'word ' * (i % 7)}\n" for i in range(120)))
+    base = ["trace", str(prompts), "--model", str(tiny_model_dir), "--shard-size", "1", "--batch-size", "1", "-q"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*base, "--out", str(killed_dir)), env=env, stderr=subprocess.PIPE)
+    manifest = killed_dir / "store" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["shards"]) >= 10:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(TraceStore.open(killed_dir / "store"))
+    assert 10 <= partial < 120
+    subprocess.run(_cli(*base, "--out", str(killed_dir)), env=env, check=True, capture_output=True)
+    subprocess.run(_cli(*base, "--out", str(tmp_path / "clean")), env=env, check=True, capture_output=True)
+    _, resumed = load_trace(killed_dir)
+    _, clean = load_trace(tmp_path / "clean")
+    store = TraceStore.open(killed_dir / "store")
+    keys = [key for entry in store.shards.values() for key in entry["keys"]]
+    assert len(keys) == len(set(keys)) == 120  # every prompt exactly once
+    assert resumed.prompts == clean.prompts == load_prompt_file(prompts).texts
+    np.testing.assert_array_equal(resumed.states, clean.states)
+    np.testing.assert_array_equal(resumed.final_states, clean.final_states)
