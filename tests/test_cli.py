@@ -1,0 +1,84 @@
+"""The command line as a user runs it: a subprocess in a temporary directory, then a look at what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+COMMANDS = ["run", "trace", "export", "info", "models", "presets"]
+
+
+def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-c", "from tokentrail.cli import entry; entry()", *args],
+                            cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tokentrail {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_an_example(command, tmp_path):
+    result = tokentrail(command, "--help", cwd=tmp_path, check=True)
+    assert "Example:" in result.stdout and f"tokentrail {command}" in result.stdout
+
+
+def test_trace_export_info_on_a_local_model(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("category,prompt\nmath,2 + 2 =\nmath,7 * 6 =\nstory,Once upon a time\nstory,The sun set\n")
+    tokentrail("trace", str(prompts), "--model", str(tiny_model_dir), "--out", "run", "-q", cwd=tmp_path, check=True)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["prompts"]["source"] == str(prompts) and len(run["prompts"]["items"]) == 4
+    assert run["model"]["fingerprint"]["kind"] == "dir" and run["last_trace"]["traced"] == 4
+    assert {"torch", "transformers", "tokentrail"} <= set(run["versions"])
+    tokentrail("export", "run", "--to", "states.npz", cwd=tmp_path, check=True)
+    with np.load(tmp_path / "states.npz", allow_pickle=False) as data:
+        assert data["states"].shape == (4, 4, 32) and data["states"].dtype == np.float32
+        assert data["final_states"].shape == (4, 32)
+        assert data["prompts"].tolist()[2] == "Once upon a time"
+        assert data["categories"].tolist() == ["math", "math", "story", "story"]
+        assert data["layers"].tolist() == [0, 1, 2, 3]
+    info = tokentrail("info", "run", cwd=tmp_path, check=True).stdout
+    assert "n_layers" in info and "math=2, story=2" in info
+    second = tokentrail("trace", str(prompts), "--model", str(tiny_model_dir), "--out", "run", "-q", cwd=tmp_path)
+    assert "traced 0 prompt(s) in 0 forward pass(es), 4 read back" in second.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trace", "--preset", "nope"], "error: unknown preset 'nope'; available presets: seed-categories, seed-spectrum"),
+        (["trace", "missing.yaml"], "error: missing.yaml: prompts file not found"),
+        (["trace", "--model", "no/such-model"], "error: model 'no/such-model' is not in the local Hugging Face cache"),
+        (["trace", "--device", "tpu"], "error: unknown device 'tpu'"),
+        (["trace", "--position", "middle"], "error: unknown position 'middle'"),
+        (["info", "nowhere"], "error: nowhere: no such run directory"),
+        (["export", "nowhere"], "error: nowhere: no such run directory"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    result = tokentrail(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.strip().startswith(message)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_default_run_on_the_embedded_model(tmp_path):
+    """`tokentrail run` with no arguments: embedded model, seed-categories, ./tokentrail-out/."""
+    result = tokentrail("run", "-q", cwd=tmp_path, check=True)
+    out_dir = tmp_path / "tokentrail-out"
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["model"]["fingerprint"]["name"] == "smollm2-135m"
+    assert run["prompts"]["name"] == "seed-categories" and len(run["prompts"]["items"]) == 25
+    assert "' Paris'" in result.stdout
+    assert f"results: {out_dir.resolve()}" in result.stdout.replace("\n", "")
+    again = tokentrail("run", "-q", cwd=tmp_path, check=True)
+    assert "traced 0 prompt(s) in 0 forward pass(es), 25 read back" in again.stderr
