@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "trace", "export", "info", "models", "presets"]
+COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "export", "info", "models", "presets"]
 
 
 def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-c", "from tokentrail.cli import entry; entry()", *args],
-                            cwd=cwd, env=env, capture_output=True, text=True)
+                            cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"tokentrail {' '.join(args)} failed: {result.stderr}")
     return result
@@ -80,5 +80,31 @@ def test_default_run_on_the_embedded_model(tmp_path):
     assert run["prompts"]["name"] == "seed-categories" and len(run["prompts"]["items"]) == 25
     assert "' Paris'" in result.stdout
     assert f"results: {out_dir.resolve()}" in result.stdout.replace("\n", "")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert 0 <= summary["best_separation_layer"] <= 30 and 0 < summary["best_p_value"] <= 1
+    assert f"best category separation at layer {summary['best_separation_layer']}" in result.stdout.replace("\n", " ")
+    for name in ("projection", "separation", "bifurcation", "dynamics"):
+        assert (out_dir / "metrics" / f"{name}.csv").stat().st_size > 0
+    for name in ("trajectories.png", "trajectories.svg", "depth.png", "thought_evolution.gif",
+                 "trajectories_2d.html", "logit_lens.png"):
+        assert (out_dir / "figures" / name).stat().st_size > 0
+    assert "<h1" in (out_dir / "report.html").read_text()
+    metrics_before = {p.name: p.read_bytes() for p in (out_dir / "metrics").iterdir()}
     again = tokentrail("run", "-q", cwd=tmp_path, check=True)
     assert "traced 0 prompt(s) in 0 forward pass(es), 25 read back" in again.stderr
+    # Same command, same machine: byte-identical tables and exports.
+    assert {p.name: p.read_bytes() for p in (out_dir / "metrics").iterdir()} == metrics_before
+    tokentrail("export", "tokentrail-out", "--to", "a.npz", cwd=tmp_path, check=True)
+    tokentrail("export", "tokentrail-out", "--to", "b.npz", cwd=tmp_path, check=True)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as data:
+        assert data["projection"].shape == (25, 31, 2)
+        assert data["explained_variance_ratio"].shape == (2,)
+
+
+@pytest.mark.slow
+def test_spectrum_bifurcation_question_is_one_command(tmp_path):
+    tokentrail("trace", "--preset", "seed-spectrum", "--out", "spec", "-q", "--no-logit-lens", cwd=tmp_path, check=True)
+    result = tokentrail("bifurcation", "spec", "--prompt", "15", cwd=tmp_path, check=True)
+    assert "spectrum-15 (docstrings)" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.startswith("│ ")]) == 31

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -31,17 +32,17 @@ DEFAULT_PRESET = "seed-categories"
 
 # --- shared options --------------------------------------------------------------------------------------------
 PromptsFile = Annotated[
-    Optional[Path], typer.Argument(help="Prompts file (.yaml, .json, .csv, .txt). Default: --preset.", show_default=False)
+    Path | None, typer.Argument(help="Prompts file (.yaml, .json, .csv, .txt). Default: --preset.", show_default=False)
 ]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="Built-in prompt set (see `tokentrail presets`).")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Built-in prompt set (see `tokentrail presets`).")]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="`default`, an embedded model name, a .gguf file, a local directory or a hub id.")
 ]
-RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")]
-DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="Spread a large model over devices, e.g. auto.")]
+DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="Spread a large model over devices, e.g. auto.")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")]
 PositionOpt = Annotated[str, typer.Option(help="Token position to trace: last, all, or an index (0, -2, ...).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="How many next-token candidates to keep.")]
@@ -51,6 +52,18 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 ShardOpt = Annotated[int, typer.Option("--shard-size", help="Prompts per store shard (the unit of resumption).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Layers to project: all, a:b (python slice, L = last block), or 0,5,10.")
+]
+FinalOpt = Annotated[bool | None, typer.Option("--include-final/--no-include-final", help="Add the final-normed state.")]
+ComponentsOpt = Annotated[int | None, typer.Option("--components", help="PCA components (2 or 3).")]
+NormalizeOpt = Annotated[str | None, typer.Option("--normalize", help="none, rms or unit.")]
+CenterOpt = Annotated[str | None, typer.Option("--center", help="global or per-layer.")]
+FitOnOpt = Annotated[str | None, typer.Option("--fit-on", help="Comma-separated categories to fit the PCA on.")]
+AxisOpt = Annotated[str | None, typer.Option("--axis", help="Two categories A,B: axis score 0 at A, 1 at B.")]
+SustainOpt = Annotated[int | None, typer.Option("--sustain", help="Layers a prompt must stay outside its category.")]
+PermOpt = Annotated[int | None, typer.Option("--permutations", help="Label permutations for p-values.")]
+FpsOpt = Annotated[float, typer.Option("--fps", help="Frames per second of the layer-by-layer GIF.")]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `tokentrail run` or `trace`.")]
 
 
@@ -133,8 +146,20 @@ def run(
     shard_size: ShardOpt = 64,
     out_dir: OutOpt = DEFAULT_OUT,
     quiet: QuietOpt = False,
+    layers: LayersOpt = None,
+    include_final: FinalOpt = None,
+    components: ComponentsOpt = None,
+    normalize: NormalizeOpt = None,
+    center: CenterOpt = None,
+    fit_on: FitOnOpt = None,
+    axis: AxisOpt = None,
+    sustain: SustainOpt = None,
+    permutations: PermOpt = None,
+    fps: FpsOpt = 4.0,
 ) -> None:
     """Trace what is missing, then run every analysis and figure, and say where the results are."""
+    from tokentrail.runs import report_run
+
     outcome = _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat,
                      position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet)
     trace_result = outcome.trace
@@ -145,7 +170,125 @@ def run(
         table.add_row(trace_result.prompt_ids[i], trace_result.categories[i], trace_result.prompts[i][:50],
                       repr(trace_result.next_tokens[i][0]), f"{trace_result.next_token_probs[i][0]:.3f}")
     out.print(table)
+    _analysis(out_dir, layers, include_final, components, normalize, center, fit_on, axis, sustain, permutations)
+    report_path = report_run(out_dir, fps=fps)
+    out.print(f"figures: {out_dir / 'figures'}")
+    out.print(f"report: {report_path}")
     out.print(f"results: {out_dir.resolve()}")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _analysis(run_dir: Path, layers, include_final, components, normalize, center, fit_on, axis, sustain,
+              permutations):
+    from tokentrail.runs import analysis_options, analyze_run, read_run
+
+    axis_pair = _split(axis)
+    if axis_pair is not None and len(axis_pair) != 2:
+        raise TokentrailError(f"--axis needs two categories A,B, got {axis!r}")
+    options = analysis_options(
+        read_run(run_dir), layers=layers, include_final=include_final, n_components=components,
+        normalize=normalize, center=center, fit_on=_split(fit_on), axis=axis_pair, sustain=sustain,
+        n_permutations=permutations,
+    )
+    result, _ = analyze_run(run_dir, options)
+    summary = result.summary
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    best = summary.get("best_separation_layer")
+    if best is not None:
+        out.print(
+            f"best category separation at layer {best}: silhouette {summary['best_silhouette']:.3f}, "
+            f"kNN accuracy {summary['best_knn_accuracy']:.2f} (chance {summary['chance']:.2f}), "
+            f"permutation p = {summary['best_p_value']:.4f}"
+        )
+    evr = ", ".join(f"{v:.3f}" for v in summary["explained_variance_ratio"])
+    out.print(f"explained variance ratio: {evr}")
+    out.print(f"tables: {Path(run_dir) / 'metrics'}  summary: {Path(run_dir) / 'summary.json'}")
+    return result
+
+
+@app.command(epilog="Example: `tokentrail analyze tokentrail-out --normalize rms --center per-layer`")
+def analyze(
+    run_dir: RunDirArg,
+    layers: LayersOpt = None,
+    include_final: FinalOpt = None,
+    components: ComponentsOpt = None,
+    normalize: NormalizeOpt = None,
+    center: CenterOpt = None,
+    fit_on: FitOnOpt = None,
+    axis: AxisOpt = None,
+    sustain: SustainOpt = None,
+    permutations: PermOpt = None,
+) -> None:
+    """Recompute projection, dynamics, separation, bifurcations and transport from the store (no model)."""
+    _analysis(run_dir, layers, include_final, components, normalize, center, fit_on, axis, sustain, permutations)
+
+
+@app.command(epilog="Example: `tokentrail plot tokentrail-out --fps 6`")
+def plot(run_dir: RunDirArg, fps: FpsOpt = 4.0) -> None:
+    """Redraw every figure of a run from its store."""
+    from tokentrail.runs import plot_run
+
+    figures = plot_run(run_dir, fps=fps)
+    for name, paths in figures.items():
+        out.print(f"{name}: {', '.join(str(p) for p in paths)}")
+
+
+@app.command(epilog="Example: `tokentrail report tokentrail-out`")
+def report(run_dir: RunDirArg, fps: FpsOpt = 4.0) -> None:
+    """Write RUN_DIR/report.html: settings, figures, tables and prompts on one offline page."""
+    from tokentrail.runs import report_run
+
+    out.print(f"report: {report_run(run_dir, fps=fps)}")
+
+
+@app.command(epilog="Example: `tokentrail bifurcation runs/spectrum --prompt spectrum-15`")
+def bifurcation(
+    run_dir: RunDirArg,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt id or label (e.g. 15 in seed-spectrum).")],
+    sustain: Annotated[int, typer.Option(help="Layers it must stay closer to another category.")] = 2,
+    metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
+) -> None:
+    """When does one prompt leave its own category, and toward which? Layer by layer."""
+    from tokentrail.analysis.bifurcation import prompt_bifurcation
+    from tokentrail.runs import load_trace
+
+    _, trace_result = load_trace(run_dir)
+    matches = [i for i, (pid, label) in enumerate(zip(trace_result.prompt_ids, trace_result.labels))
+               if prompt in (pid, label)]
+    if not matches:
+        raise TokentrailError(f"no prompt with id or label {prompt!r} in {run_dir}; see `tokentrail info {run_dir}`")
+    index = matches[0]
+    try:
+        explained = prompt_bifurcation(trace_result.states, trace_result.categories, index, sustain=sustain,
+                                       metric=metric)
+    except ValueError as exc:
+        raise TokentrailError(str(exc)) from None
+    steps = np.linalg.norm(np.diff(trace_result.states, axis=1), axis=-1)  # [P, L]
+    own = [i for i, c in enumerate(trace_result.categories) if c == explained["category"] and i != index]
+    table = Table(title=f"{trace_result.prompt_ids[index]} ({explained['category']}): {trace_result.prompts[index]!r}")
+    for column in ("layer", "to own category", "to nearest other", "nearest other", "outside", "step",
+                   "category step"):
+        table.add_column(column)
+    rows = zip(explained["distance_own"], explained["distance_nearest_other"], explained["nearest_other"],
+               explained["outside"])
+    for layer, (own_distance, other, name, outside) in enumerate(rows):
+        step = f"{steps[index, layer - 1]:.2f}" if layer else ""
+        category_step = f"{steps[own, layer - 1].mean():.2f}" if layer and own else ""
+        table.add_row(str(layer), f"{own_distance:.4f}", f"{other:.4f}", name, "yes" if outside else "", step,
+                      category_step)
+    out.print(table)
+    where = f"({metric} distance to leave-one-out centroids, sustained for {sustain} layers)"
+    if explained["layer"] >= 0:
+        out.print(f"leaves its category at layer {explained['layer']} toward {explained['toward']!r} {where}")
+    elif all(explained["outside"]):
+        out.print(f"closer to another category than to its own at every layer, from the embedding on: it never "
+                  f"sits with {explained['category']!r}, so there is nothing to leave {where}")
+    else:
+        out.print(f"never leaves its category {where}")
 
 
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")
@@ -154,10 +297,10 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="Target .npz file.")] = Path("tokentrail-export.npz"),
 ) -> None:
     """Write a run's arrays to an .npz that loads with `np.load(path, allow_pickle=False)`."""
-    from tokentrail.runs import export_arrays, load_trace, write_export
+    from tokentrail.runs import export_arrays, projection_arrays, write_export
 
-    _, trace_result = load_trace(run_dir)
-    path = write_export(to, export_arrays(trace_result))
+    trace_result, extra = projection_arrays(run_dir)
+    path = write_export(to, export_arrays(trace_result, extra))
     out.print(f"wrote {path}")
 
 
@@ -243,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - last resort: still one line, with the way to see more
+    except Exception as exc:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

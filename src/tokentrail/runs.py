@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from tokentrail import __version__
+from tokentrail.atomic import atomic_write_bytes, atomic_write_json
 from tokentrail.engines.local import TraceReport, trace_into_store
 from tokentrail.errors import StoreError, TokentrailError
 from tokentrail.models import LoadedModel, fingerprint, load_model, resolve_source
 from tokentrail.prompts import Prompt, PromptSet
-from tokentrail.store import TraceStore, atomic_write_bytes, atomic_write_json
+from tokentrail.store import TraceStore
 from tokentrail.trace import Trace, TraceOptions, Tracer
 
 RUN_FILE = "run.json"
@@ -248,3 +249,131 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "last_trace": run.get("last_trace"),
     }
 
+
+
+# --- analysis, figures, report: all from the store, no model -------------------------------------------------
+def analysis_options(run: dict[str, Any], **overrides: Any):
+    """The run's saved analysis options with the given ones (those not None) on top."""
+    from tokentrail.analysis.pipeline import AnalysisOptions
+
+    saved = dict(run.get("analysis") or {})
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    known = set(AnalysisOptions.__dataclass_fields__)
+    return AnalysisOptions(**{k: v for k, v in saved.items() if k in known})
+
+
+def compute_analysis(run_dir: Path, options=None):
+    """(run, trace, result) with the run's saved options unless `options` is given."""
+    from tokentrail.analysis.pipeline import analyze_states
+
+    run, trace = load_trace(run_dir)
+    options = options or analysis_options(run)
+    try:
+        result = analyze_states(trace.states, trace.final_states, trace.categories, options,
+                                token_states=trace.token_states)
+    except ValueError as exc:
+        raise TokentrailError(f"cannot analyse {run_dir}: {exc}") from None
+    return run, trace, result, options
+
+
+def projection_arrays(run_dir: Path) -> tuple[Trace, dict[str, np.ndarray]]:
+    """The run's trace plus its projection arrays for an export; a run too small to project exports without them."""
+    try:
+        _, trace, result, _ = compute_analysis(run_dir)
+    except StoreError:
+        raise
+    except TokentrailError:
+        return load_trace(run_dir)[1], {}
+    return trace, {
+        "projection": np.asarray(result.projection, dtype=np.float32),
+        "projection_layers": np.asarray(result.layers, dtype=np.int64),
+        "explained_variance_ratio": np.asarray(result.explained_variance_ratio, dtype=np.float64),
+        "depth_projection": np.asarray(result.depth_projection, dtype=np.float32),
+    }
+
+
+def analyze_run(run_dir: Path, options=None):
+    """Recompute every analysis from the store into metrics/*.csv and summary.json."""
+    from tokentrail.metrics import write_metrics
+
+    _, trace, result, options = compute_analysis(run_dir, options)
+    paths = write_metrics(result, trace.prompt_ids, trace.categories, Path(run_dir))
+    update_run(run_dir, analysis=asdict(options))
+    return result, paths
+
+
+def figure_meta(run: dict[str, Any], trace: Trace):
+    from tokentrail.viz import FigureMeta
+
+    lens_tokens = lens_probs = None
+    if trace.lens_tokens is not None and trace.lens_probs is not None:
+        lens_tokens = [[layer[0] for layer in prompt] for prompt in trace.lens_tokens]
+        lens_probs = trace.lens_probs[:, :, 0]
+    return FigureMeta(
+        prompt_ids=trace.prompt_ids,
+        prompts=trace.prompts,
+        categories=trace.categories,
+        labels=trace.labels,
+        model_name=run["model"]["fingerprint"]["name"],
+        lens_tokens=lens_tokens,
+        lens_probs=lens_probs,
+    )
+
+
+def plot_run(run_dir: Path, fps: float = 4) -> dict[str, list[Path]]:
+    from tokentrail.viz import make_all_figures
+
+    run, trace, result, _ = compute_analysis(run_dir)
+    try:
+        return make_all_figures(result, figure_meta(run, trace), Path(run_dir), fps=fps)
+    except ValueError as exc:
+        raise TokentrailError(f"cannot draw {run_dir}: {exc}") from None
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def report_run(run_dir: Path, fps: float = 4) -> Path:
+    """Figures, the tables `analyze` wrote and any steering results, on one offline page."""
+    from tokentrail.viz import make_all_figures
+    from tokentrail.viz.report import build_report
+
+    run_dir = Path(run_dir)
+    run, trace, result, _ = compute_analysis(run_dir)
+    if not (run_dir / "summary.json").exists():
+        analyze_run(run_dir)
+    meta = figure_meta(run, trace)
+    figures = make_all_figures(result, meta, run_dir, fps=fps)
+    tables = {
+        "Separation of categories by layer": _csv_rows(run_dir / "metrics" / "separation.csv"),
+        "Bifurcations (layer at which a prompt leaves its category)": _csv_rows(run_dir / "metrics" / "bifurcation.csv"),
+        "Next token": [
+            {"id": trace.prompt_ids[i], "category": trace.categories[i],
+             "top tokens": " | ".join(repr(t) for t in trace.next_tokens[i]),
+             "p(top-1)": f"{trace.next_token_probs[i][0]:.3f}"}
+            for i in range(len(trace))
+        ],
+    }
+    extra = []
+    steer_summary = run_dir / "steer" / "summary.json"
+    if steer_summary.exists():
+        from tokentrail.steer import report_section
+
+        extra.append(report_section(run_dir))
+    info = {
+        "model": run["model"]["fingerprint"]["name"],
+        "weights sha256": run["model"]["fingerprint"]["weights_sha256"],
+        "dtype": run["model"]["fingerprint"]["dtype"],
+        "prompt set": f"{run['prompts']['name']} ({len(trace)} prompts)",
+        "trace options": run["trace_options"],
+        "analysis options": run.get("analysis"),
+        "versions": run.get("versions"),
+        "updated": run.get("updated"),
+    }
+    return build_report(run_dir, info, result, meta, figures, tables=tables, extra_sections=extra)

@@ -18,8 +18,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from tokentrail import __version__
+from tokentrail.atomic import atomic_write_bytes, atomic_write_json
 from tokentrail.errors import StoreError
 from tokentrail.trace import Trace
 
@@ -38,26 +37,6 @@ STORE_FORMAT = 1
 
 def prompt_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old content or all of the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 @dataclass
@@ -74,7 +53,7 @@ class TraceStore:
         return self.root / "manifest.json"
 
     @classmethod
-    def open(cls, root: Path, model: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> "TraceStore":
+    def open(cls, root: Path, model: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> TraceStore:
         """Open a store; create it when `model` and `options` are given and none exists.
 
         A store made with another model or other trace options is refused rather than mixed: states of two
@@ -98,7 +77,7 @@ class TraceStore:
         return store
 
     @classmethod
-    def _read(cls, root: Path) -> "TraceStore":
+    def _read(cls, root: Path) -> TraceStore:
         try:
             manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:

@@ -1,0 +1,354 @@
+"""Every analysis of a traced run in one pure call: `analyze_states(...) -> AnalysisResult`.
+
+The result holds arrays for the figures and tables, plus a JSON-ready `summary`. Nothing here reads or writes
+files; `tokentrail.metrics.write_metrics` turns a result into tables.
+
+Which states each part uses:
+* `projection`: the layers chosen by `options.layers` (default all raw layers 0..L), with the final-normed state
+  appended as layer L+1 when `options.include_final`; PCA with `options.normalize` / `options.center`, fitted on
+  the prompts of `options.fit_on` (all by default).
+* `depth_projection`: always RMS-normalised, per-layer-centred PCA over the raw layers 0..L (same `fit_on`).
+* dynamics, separation, axis score and bifurcations: the raw states 0..L.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from tokentrail.analysis.bifurcation import bifurcation_layers, divergence_layers
+from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
+from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
+from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer
+from tokentrail.analysis.transport import token_cosine_by_layer, wasserstein_by_layer
+
+# Significance level used only for the summary's "first significant layer".
+SIGNIFICANCE = 0.05
+
+# Words in category names that mark the two ends of the default axis, in order of preference; a name is split
+# on non-letters and must contain one of the words as a whole word (so "pseudocode" is not "code").
+NATURAL_WORDS = ("story", "stories", "poetry", "poem", "poems", "prose", "narrative", "fiction", "creative",
+                 "natural")
+FORMAL_WORDS = ("code", "math", "maths", "formal", "programming", "program")
+
+
+@dataclass
+class AnalysisOptions:
+    """What `analyze_states` computes; the defaults reproduce the seed's raw global PCA over layers 0..L.
+
+    `layers` is a `parse_layer_spec` string ("0:L" = the seed's `output_hidden_states[:-1]`); `fit_on` lists the
+    categories whose prompts fit the PCA bases; `axis` names the categories at 0 and 1 of the axis score
+    (None: `default_axis`); `sustain`, `knn_k`, `n_permutations` and `seed` go to the bifurcation and
+    separation analyses.
+    """
+
+    layers: str | None = None
+    include_final: bool = False
+    n_components: int = 2
+    normalize: str = "none"
+    center: str = "global"
+    fit_on: list[str] | None = None
+    axis: tuple[str, str] | None = None
+    sustain: int = 2
+    knn_k: int = 3
+    n_permutations: int = 200
+    seed: int = 0
+
+    def validate(self, categories: Sequence[str]) -> None:
+        """Raise ValueError (one line) for options that cannot apply to these categories."""
+        if int(self.n_components) != self.n_components or self.n_components < 2:
+            raise ValueError(f"n_components must be 2 or more, got {self.n_components!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, not {self.normalize!r}")
+        if self.center not in CENTER_MODES:
+            raise ValueError(f"center must be one of {', '.join(CENTER_MODES)}, not {self.center!r}")
+        if self.sustain < 1:
+            raise ValueError(f"sustain must be at least 1 layer, got {self.sustain}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be at least 1, got {self.knn_k}")
+        if self.n_permutations < 0:
+            raise ValueError(f"n_permutations must be 0 or more, got {self.n_permutations}")
+        known = list(dict.fromkeys(categories))
+        for name in list(self.fit_on or []) + list(self.axis or []):
+            if name not in known:
+                raise ValueError(f"category {name!r} is not among the categories ({', '.join(known)})")
+        if self.fit_on is not None and not self.fit_on:
+            raise ValueError("fit_on names no category; leave it out to fit on all prompts")
+        if self.axis is not None and (len(self.axis) != 2 or self.axis[0] == self.axis[1]):
+            raise ValueError(f"axis must name two different categories, got {self.axis!r}")
+
+
+@dataclass
+class AnalysisResult:
+    layers: np.ndarray
+    projection: np.ndarray
+    explained_variance_ratio: np.ndarray
+    depth_projection: np.ndarray
+    depth_explained_variance_ratio: np.ndarray
+    dynamics: dict[str, np.ndarray]
+    projected: dict[str, np.ndarray]
+    separation: dict[str, Any] | None
+    axis: tuple[str, str] | None
+    axis_score: np.ndarray | None
+    bifurcation_layer: np.ndarray
+    bifurcation_toward: list[str]
+    divergence_layer: np.ndarray
+    wasserstein: np.ndarray | None
+    token_cosine: np.ndarray | None
+    warnings: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def default_axis(categories: Sequence[str]) -> tuple[str, str] | None:
+    """A natural-language category and a formal one, if the names say so; else None.
+
+    For each end, the first word of NATURAL_WORDS / FORMAL_WORDS that some category name contains wins, and
+    among names with that word the first in order of appearance; a name with words of both ends is skipped.
+    seed-categories gives ("creative-poetry", "code"), seed-spectrum ("pure-story", "pure-code").
+    """
+    names = list(dict.fromkeys(categories))
+    words = {name: set(re.split(r"[^a-z]+", name.lower())) for name in names}
+
+    def pick(wanted: Sequence[str], unwanted: Sequence[str]) -> str | None:
+        for word in wanted:
+            for name in names:
+                if word in words[name] and not words[name] & set(unwanted):
+                    return name
+        return None
+
+    natural = pick(NATURAL_WORDS, FORMAL_WORDS)
+    formal = pick(FORMAL_WORDS, NATURAL_WORDS)
+    if natural is None or formal is None:
+        return None
+    return natural, formal
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Plain Python values for JSON: numpy scalars unwrapped, nan/inf as None, arrays as lists."""
+    if isinstance(value, dict):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return _finite_or_none(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_inputs(
+    states: np.ndarray, final_states: np.ndarray | None, categories: Sequence[str], include_final: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    values = np.asarray(states)
+    if values.ndim != 3:
+        raise ValueError(f"states must be [prompts, layers, hidden], got shape {values.shape}")
+    n_prompts, n_layers, hidden = values.shape
+    if n_prompts < 1 or n_layers < 2:
+        raise ValueError(f"analysis needs at least 1 prompt and 2 layers, got states of shape {values.shape}")
+    if len(categories) != n_prompts:
+        raise ValueError(f"got {len(categories)} categories for {n_prompts} prompts")
+    final = None if final_states is None else np.asarray(final_states)
+    if final is not None and final.shape != (n_prompts, hidden):
+        raise ValueError(f"final_states must have shape {(n_prompts, hidden)}, got {final.shape}")
+    if include_final and final is None:
+        raise ValueError("include_final needs the final-normed states, which were not given")
+    return values, final
+
+
+def _transport(
+    token_states: Sequence[np.ndarray], n_prompts: int, n_layers: int, hidden: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if len(token_states) != n_prompts:
+        raise ValueError(f"got token states for {len(token_states)} prompts, expected {n_prompts}")
+    wasserstein = np.empty((n_prompts, n_layers - 1))
+    cosine = np.empty((n_prompts, n_layers))
+    for prompt, tokens in enumerate(token_states):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 3 or tokens.shape[1:] != (n_layers, hidden):
+            raise ValueError(
+                f"token states of prompt {prompt} must be [tokens, {n_layers}, {hidden}], got {tokens.shape}"
+            )
+        wasserstein[prompt] = wasserstein_by_layer(tokens)
+        cosine[prompt] = token_cosine_by_layer(tokens)
+    return wasserstein, cosine
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _per_category_mean(values: np.ndarray, categories: Sequence[str]) -> dict[str, float | None]:
+    labels = np.asarray(list(categories), dtype=object)
+    return {name: _finite_mean(values[labels == name]) for name in dict.fromkeys(categories)}
+
+
+def _summary(
+    result: AnalysisResult,
+    states_shape: tuple[int, int, int],
+    categories: Sequence[str],
+    options: AnalysisOptions,
+) -> dict[str, Any]:
+    n_prompts, n_layers, hidden = states_shape
+    labels = np.asarray(list(categories), dtype=object)
+    names = list(dict.fromkeys(categories))
+    summary: dict[str, Any] = {
+        "n_prompts": n_prompts,
+        "n_layers": n_layers,
+        "n_blocks": n_layers - 1,
+        "hidden_size": hidden,
+        "n_categories": len(names),
+        "categories": {name: int(np.sum(labels == name)) for name in names},
+        "options": asdict(options),
+        "projection_layers": result.layers,
+        "explained_variance_ratio": result.explained_variance_ratio,
+        "explained_variance_total": float(np.sum(result.explained_variance_ratio)),
+        "depth_explained_variance_ratio": result.depth_explained_variance_ratio,
+        "arc_length_by_category": _per_category_mean(result.dynamics["arc_length"], categories),
+        "total_curvature_by_category": _per_category_mean(result.dynamics["total_curvature"], categories),
+        "largest_mean_step_layer": int(np.argmax(result.dynamics["step_size"].mean(axis=0))) + 1,
+    }
+
+    separation = result.separation
+    if separation is not None:
+        best = best_separation_layer(separation)
+        significant = np.flatnonzero(np.asarray(separation["p_value"]) <= SIGNIFICANCE)
+        summary.update(
+            best_separation_layer=best,
+            best_silhouette=separation["silhouette"][best] if best >= 0 else None,
+            best_knn_accuracy=separation["knn_accuracy"][best] if best >= 0 else None,
+            best_p_value=separation["p_value"][best] if best >= 0 else None,
+            chance=separation["chance"],
+            first_significant_layer=int(significant[0]) if significant.size else None,
+            knn_k=separation["k"],
+        )
+    else:
+        summary.update(best_separation_layer=None, best_silhouette=None, best_knn_accuracy=None,
+                       best_p_value=None, chance=None, first_significant_layer=None)
+
+    bifurcated = result.bifurcation_layer >= 0
+    summary["bifurcation"] = {
+        "sustain": options.sustain,
+        "n_bifurcating": int(bifurcated.sum()),
+        "by_category": {
+            name: {
+                "n_prompts": int(np.sum(labels == name)),
+                "n_bifurcating": int(np.sum(bifurcated & (labels == name))),
+                "mean_layer": (
+                    float(result.bifurcation_layer[bifurcated & (labels == name)].mean())
+                    if np.any(bifurcated & (labels == name))
+                    else None
+                ),
+            }
+            for name in names
+        },
+    }
+
+    summary["axis"] = list(result.axis) if result.axis is not None else None
+    if result.axis_score is not None:
+        summary["axis_score_last_layer_by_category"] = _per_category_mean(result.axis_score[:, -1], categories)
+    if result.wasserstein is not None and result.token_cosine is not None:
+        finite_w2 = np.where(np.isfinite(result.wasserstein), result.wasserstein, 0.0)
+        summary["transport"] = {
+            "largest_mean_wasserstein_layer": int(np.argmax(finite_w2.mean(axis=0))) + 1,
+            "mean_token_cosine_first_layer": _finite_mean(result.token_cosine[:, 0]),
+            "mean_token_cosine_last_layer": _finite_mean(result.token_cosine[:, -1]),
+        }
+    summary["warnings"] = list(result.warnings)
+    return _finite_or_none(summary)
+
+
+def analyze_states(
+    states: np.ndarray,
+    final_states: np.ndarray | None,
+    categories: Sequence[str],
+    options: AnalysisOptions | None = None,
+    token_states: Sequence[np.ndarray] | None = None,
+) -> AnalysisResult:
+    """Run every analysis on `states [prompts, L+1, hidden]` (raw layers 0..L) and return the result.
+
+    `final_states [prompts, hidden]` is needed only with `options.include_final`. `token_states` (one
+    `[tokens, L+1, hidden]` array per prompt) adds the transport measures. Raises ValueError for inconsistent
+    inputs or options; analyses that the categories do not allow (separation with a one-prompt category, an
+    axis without suitable categories) are skipped with a message in `warnings`.
+    """
+    options = options or AnalysisOptions()
+    # Options may come from JSON or a CLI (lists instead of tuples); work on a normalised copy.
+    options = replace(
+        options,
+        axis=tuple(str(name) for name in options.axis) if options.axis is not None else None,
+        fit_on=[str(name) for name in options.fit_on] if options.fit_on is not None else None,
+    )
+    categories = [str(c) for c in categories]
+    options.validate(categories)
+    values, final = _check_inputs(states, final_states, categories, options.include_final)
+    n_prompts, n_layers, hidden = values.shape
+    warnings: list[str] = []
+
+    layers = parse_layer_spec(options.layers, n_layers)
+    stack = values[:, layers]
+    if options.include_final:
+        assert final is not None  # checked above
+        stack = np.concatenate([stack, final[:, None, :]], axis=1)
+        layers = np.append(layers, n_layers)
+    if len(layers) < 2:
+        raise ValueError(f"the projection needs at least 2 layers, the layer spec selects {len(layers)}")
+
+    labels = np.asarray(categories, dtype=object)
+    fit_mask = None if options.fit_on is None else np.isin(labels, list(options.fit_on))
+    pca = TrajectoryPCA(options.n_components, options.normalize, options.center).fit(stack, fit_mask)
+    projection = pca.transform(stack)
+    depth_pca = TrajectoryPCA(options.n_components, "rms", "per-layer").fit(values, fit_mask)
+    depth_projection = depth_pca.transform(values)
+
+    try:
+        separation = separation_by_layer(
+            values, categories, k=options.knn_k, n_permutations=options.n_permutations, seed=options.seed
+        )
+    except ValueError as exc:
+        separation = None
+        warnings.append(f"separation by layer skipped: {exc}")
+
+    axis = (options.axis[0], options.axis[1]) if options.axis is not None else default_axis(categories)
+    scores = axis_score(values, categories, axis[0], axis[1]) if axis is not None else None
+    if axis is None and len(set(categories)) >= 2:
+        warnings.append("no axis score: no category names mark natural vs formal language; choose an axis")
+
+    bifurcation_layer, bifurcation_toward = bifurcation_layers(values, categories, sustain=options.sustain)
+    lone = [name for name in dict.fromkeys(categories) if categories.count(name) < 2]
+    if lone:
+        warnings.append(f"prompts alone in their category cannot bifurcate: {', '.join(lone)}")
+    if len(set(categories)) < 2:
+        warnings.append("bifurcations need at least 2 categories; none were detected")
+
+    wasserstein = token_cosine = None
+    if token_states is not None:
+        wasserstein, token_cosine = _transport(token_states, n_prompts, n_layers, hidden)
+
+    result = AnalysisResult(
+        layers=np.asarray(layers, dtype=int),
+        projection=projection,
+        explained_variance_ratio=pca.explained_variance_ratio_,
+        depth_projection=depth_projection,
+        depth_explained_variance_ratio=depth_pca.explained_variance_ratio_,
+        dynamics=trajectory_dynamics(values),
+        projected=projected_dynamics(projection),
+        separation=separation,
+        axis=axis,
+        axis_score=scores,
+        bifurcation_layer=bifurcation_layer,
+        bifurcation_toward=bifurcation_toward,
+        divergence_layer=divergence_layers(values),
+        wasserstein=wasserstein,
+        token_cosine=token_cosine,
+        warnings=warnings,
+    )
+    result.summary = _summary(result, (n_prompts, n_layers, hidden), categories, options)
+    return result
