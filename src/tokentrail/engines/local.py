@@ -29,7 +29,9 @@ class _RateColumn(TextColumn):
 
     def render(self, task):  # type: ignore[override]
         speed = task.finished_speed or task.speed
-        return self.text_format if speed is None else f"{speed:6.1f} prompts/s"
+        if speed is None and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed  # rich needs several updates before it estimates a speed
+        return "" if speed is None else f"{speed:6.1f} prompts/s"
 
 
 def progress_bar(console: Console | None = None, disable: bool = False) -> Progress:

@@ -318,6 +318,13 @@ def _settings(run_info: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
+def _visible_controls(value: Any) -> Any:
+    """Show a NUL as the visible symbol for it: browsers drop a raw NUL, hiding that the prompt holds one."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\u2400")
+    return value
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
@@ -325,6 +332,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,  # a typo in the template fails loudly instead of printing nothing
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=_visible_controls,
     )
     env.filters["script_json"] = _script_json
     return env
