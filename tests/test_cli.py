@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "export", "info", "models", "presets"]
+COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "export", "info", "models", "presets"]
 
 
 def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:

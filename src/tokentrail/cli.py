@@ -292,6 +292,42 @@ def bifurcation(
         out.print(f"never leaves its category {where}")
 
 
+@app.command(epilog="Example: `tokentrail compare runs/smol-spectrum runs/gemma-spectrum --out runs/compare`")
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more runs of the same prompts on different models.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory.")] = Path("tokentrail-compare"),
+    permutations: Annotated[int, typer.Option(help="Label permutations for separation p-values.")] = 200,
+    cka_permutations: Annotated[int, typer.Option(help="Shuffled-prompt CKA null samples.")] = 200,
+    cka_standardize: Annotated[bool, typer.Option(help="Scale every hidden unit to unit variance before CKA.")] = False,
+    sustain: Annotated[int, typer.Option(help="Layers a prompt must stay outside its category.")] = 2,
+    knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours for kNN accuracy.")] = 3,
+    top: Annotated[int, typer.Option(help="How many prompts with the most different bifurcations to list.")] = 10,
+    axis: Annotated[list[str] | None, typer.Option("--axis", help="NATURAL,FORMAL categories (repeatable).")] = None,
+    middle: Annotated[str | None, typer.Option("--middle", help="Category expected between the axis ends.")] = None,
+) -> None:
+    """Compare runs of the same prompts on different models, aligned by normalised depth (layer / L)."""
+    from tokentrail.compare import CompareOptions, compare_runs, verdict_sentences
+
+    if len(run_dirs) < 2:
+        raise TokentrailError("compare needs at least two run directories")
+    axes = None
+    if axis:
+        axes = []
+        for pair in axis:
+            parts = _split(pair) or []
+            if len(parts) != 2:
+                raise TokentrailError(f"--axis needs two categories NATURAL,FORMAL, got {pair!r}")
+            axes.append((parts[0], parts[1]))
+    result = compare_runs(run_dirs, out_dir, CompareOptions(
+        sustain=sustain, knn_k=knn_k, permutations=permutations, cka_permutations=cka_permutations,
+        cka_standardize=cka_standardize, top_prompts=top, axes=axes, middle=middle))
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    for sentence in verdict_sentences([v for v in result.ordering_verdicts if v["at"] == "last layer"]):
+        out.print(sentence)
+    out.print(f"report: {result.report}")
+
+
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")
 def export(
     run_dir: RunDirArg,
