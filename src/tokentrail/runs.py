@@ -60,6 +60,15 @@ class BatchSettings:
     padding_side: str = "left"
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where tracing runs: this process, or Ray actors (one model copy each) writing into the same store."""
+
+    engine: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
+
+
 @dataclass
 class RunOutcome:
     run_dir: Path
@@ -113,6 +122,7 @@ def trace_run(
     batching: BatchSettings = BatchSettings(),
     show_progress: bool = True,
     extra_settings: dict[str, Any] | None = None,
+    engine: EngineSettings = EngineSettings(),
 ) -> RunOutcome:
     """Trace what the run's store lacks and record how the run was made.
 
@@ -132,9 +142,20 @@ def trace_run(
         def make_tracer() -> Tracer:
             return Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
 
+    if engine.engine not in ("local", "ray"):
+        raise TokentrailError(f"unknown engine {engine.engine!r}; use local or ray")
+    if engine.engine == "ray" and isinstance(model, LoadedModel):
+        raise TokentrailError("the ray engine loads the model in each worker: pass model settings, not a loaded model")
     store = TraceStore.open(run_dir / "store", model=fp, options=options.to_dict())
-    report = trace_into_store(store, prompt_set.texts, make_tracer, shard_size=batching.shard_size,
-                              show_progress=show_progress)
+    if engine.engine == "ray":
+        from tokentrail.engines.ray import trace_into_store_ray
+
+        report = trace_into_store_ray(store, prompt_set.texts, model, options, batching.batch_size,
+                                      batching.shard_size, n_workers=engine.workers, address=engine.ray_address,
+                                      show_progress=show_progress)
+    else:
+        report = trace_into_store(store, prompt_set.texts, make_tracer, shard_size=batching.shard_size,
+                                  show_progress=show_progress)
     previous = read_run(run_dir) if (run_dir / RUN_FILE).exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run = {
@@ -146,6 +167,7 @@ def trace_run(
         "model": {**model_settings, "fingerprint": fp},
         "trace_options": options.to_dict(),
         "batching": asdict(batching),
+        "engine": asdict(engine),
         "prompts": {"name": prompt_set.name, "source": prompt_set.source, "items": prompt_set.to_records()},
         "versions": versions(),
         "last_trace": asdict(report),
@@ -355,6 +377,22 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+STEER_COLUMNS = ("condition", "layer", "alpha", "accuracy", "ci_low", "ci_high", "gain", "p_vs_baseline",
+                 "changed", "no_answer", "axis_shift_layer", "axis_shift_last")
+
+
+def _steer_section(run_dir: Path) -> dict[str, Any]:
+    """The report's steering section, read from what `tokentrail steer` wrote."""
+    summary = json.loads((run_dir / "steer" / "summary.json").read_text(encoding="utf-8"))
+    heatmap = summary.get("files", {}).get("heatmap_png")
+    return {
+        "title": "Steering experiment",
+        "text": summary.get("text", ""),
+        "html_figures": [run_dir / heatmap] if heatmap else [],
+        "table": [{column: row.get(column) for column in STEER_COLUMNS} for row in summary.get("rows", [])],
+    }
+
+
 def report_run(run_dir: Path, fps: float = 4) -> Path:
     """Figures, the tables `analyze` wrote and any steering results, on one offline page."""
     from tokentrail.viz import make_all_figures
@@ -377,11 +415,8 @@ def report_run(run_dir: Path, fps: float = 4) -> Path:
         ],
     }
     extra = []
-    steer_summary = run_dir / "steer" / "summary.json"
-    if steer_summary.exists():
-        from tokentrail.steer import report_section
-
-        extra.append(report_section(run_dir))
+    if (run_dir / "steer" / "summary.json").exists():
+        extra.append(_steer_section(run_dir))
     info = {
         "model": run["model"]["fingerprint"]["name"],
         "weights sha256": run["model"]["fingerprint"]["weights_sha256"],

@@ -5,14 +5,22 @@ Forward hooks slice the chosen positions out of each block's output as it passes
 (the embedding output, including any scaling or position embeddings the model adds), layer l the raw output of
 block l. The final-normed state is kept separately: `output_hidden_states` puts it in place of the last block's
 raw output, which silently changes the last point of every trajectory.
+
+Speed: prompts are length-sorted into batches bounded by a prompt count, a padded-token count and an
+activation-memory budget; the hooks copy only the traced positions into one preallocated tensor; with left
+padding the model's own last-column logits are the next-token readout, so nothing beyond the forward pass
+touches a full sequence. benchmarks/run.py measures what is left of the overhead.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +30,10 @@ from tokentrail.errors import TokentrailError
 from tokentrail.models import LoadedModel
 
 PADDING_SIDES = ("left", "right")
+# Automatic batching (batch_size=None): padded tokens may exceed the real ones by this fraction, and a CPU
+# batch holds at most this many padded tokens (measured: larger batches gain nothing per token on a CPU).
+AUTO_MAX_PADDING = 0.1
+AUTO_CPU_BATCH_TOKENS = 1024
 
 
 def parse_position(position: str | int) -> str | int:
@@ -105,27 +117,153 @@ def _supports(module: torch.nn.Module, argument: str) -> bool:
         return False
 
 
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, further limited by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def set_sane_threads() -> int:
+    """Never run more torch threads than usable CPUs; returns the thread count in force.
+
+    torch counts the host's cores, which inside a container or a Ray worker may be many more than this
+    process is allowed; oversubscribed OpenMP threads spin against each other and a forward pass can take
+    several times longer. A lower count set by the user (OMP_NUM_THREADS, set_num_threads) is kept.
+    """
+    cpus = usable_cpus()
+    if torch.get_num_threads() > cpus:
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a batch may still take on `device`: free GPU memory, or MemAvailable of the machine."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 8 << 30
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """How much transient activation memory one forward pass may use by default.
+
+    Half of what is free on a GPU (the allocator fragments, and other work may share it); on a CPU a quarter
+    of available memory, capped at 4 GiB, because larger batches no longer run faster there.
+    """
+    available = available_memory_bytes(device)
+    if device.type == "cuda":
+        return max(256 << 20, available // 2)
+    return int(min(4 << 30, max(256 << 20, available // 4)))
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """Bytes of transient activations of one forward pass, as `per_token * B * W + per_square * B * W**2`.
+
+    Only one block's activations are alive at a time under inference mode; the squared term covers the
+    attention mask and, for eager attention, the score and probability matrices of every head.
+    """
+
+    per_token: int
+    per_square: int
+    per_prompt: int
+
+    def __call__(self, n_prompts: int, width: int) -> int:
+        return n_prompts * (self.per_token * width + self.per_square * width * width + self.per_prompt)
+
+
+def batch_cost(loaded: LoadedModel) -> BatchCost:
+    config = loaded.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(loaded.parts.unembed.weight.shape[1])
+    vocab = int(loaded.parts.unembed.weight.shape[0])
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1)
+    param = next(loaded.model.parameters(), None)
+    width = param.element_size() if param is not None else 4
+    # Residual in and out, normed copy, q/k/v and attention output, plus gate, up and activated MLP rows.
+    per_token = width * (7 * hidden + 3 * int(intermediate))
+    eager = getattr(config, "_attn_implementation", "eager") in (None, "eager")
+    per_square = 4 + (2 * heads * width if eager else 0)
+    # Next-token logits and their softmax, float32, plus the captured layers.
+    per_prompt = 8 * vocab + 4 * hidden * (loaded.parts.n_layers + 2)
+    return BatchCost(per_token=per_token, per_square=per_square, per_prompt=per_prompt)
+
+
+class _Capture:
+    """Where the hooks of one forward pass put what they keep; reset for every batch."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.columns: torch.Tensor | None = None
+        # When every row's traced token is in the same column (left padding, last token), a plain slice
+        # replaces the gather: no index tensors on the device and one kernel less per layer.
+        self.column: int | None = None
+        self.n_rows = 0
+        self.layers: torch.Tensor | None = None  # [B, L+1, H] float32, on the model's input device
+        self.final: torch.Tensor | None = None
+        self.full: list[torch.Tensor | None] = []
+        self.keep_all = False
+        # Off outside the model's own forward pass: the logit lens calls the final norm again.
+        self.active = False
+
+    def pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The traced positions of a `[B, T, H]` tensor, as `[B, H]`."""
+        if self.column is not None:
+            return hidden[:, self.column]
+        rows, columns = self.rows, self.columns
+        if hidden.device != rows.device:  # a model spread over devices by --device-map
+            rows, columns = rows.to(hidden.device), columns.to(hidden.device)
+        return hidden[rows, columns]
+
+
 class Tracer:
-    """Traces texts through a loaded model. Parameters are fixed at construction, like an estimator."""
+    """Traces texts through a loaded model. Parameters are fixed at construction, like an estimator.
+
+    Batches are length-sorted and bounded three ways: at most `batch_size` prompts (None: no fixed count),
+    at most `max_batch_tokens` padded tokens (None: no fixed count), and an estimated activation memory of at
+    most `memory_budget` bytes (None: a default from the free memory of the device). Batching never changes
+    what is recorded, only how fast.
+    """
 
     def __init__(
         self,
         loaded: LoadedModel,
         options: TraceOptions | None = None,
-        batch_size: int = 16,
-        max_batch_tokens: int = 16384,
+        batch_size: int | None = 16,
+        max_batch_tokens: int | None = None,
         padding_side: str = "left",
+        memory_budget: int | None = None,
     ) -> None:
         if padding_side not in PADDING_SIDES:
             raise TokentrailError(f"unknown padding side {padding_side!r}; use left or right")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise TokentrailError(f"--batch-size must be at least 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise TokentrailError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         self.loaded = loaded
         self.options = options or TraceOptions()
         self.position = parse_position(self.options.position)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.padding_side = padding_side
+        self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(loaded.device)
         self.n_forward_passes = 0
         model = loaded.model
         self._pass_position_ids = _supports(model, "position_ids")
@@ -136,6 +274,9 @@ class Tracer:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self._pad_id = int(pad)
         self._context = self._context_length()
+        self._cost = batch_cost(loaded)
+        if loaded.device.type == "cpu":
+            set_sane_threads()
 
     def _context_length(self) -> int | None:
         config = self.loaded.model.config
@@ -148,19 +289,23 @@ class Tracer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
-        encoded: list[list[int]] = []
-        for text in texts:
-            if self.options.chat:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise TokentrailError(
-                        f"model {self.loaded.name!r} has no chat template; drop --chat to trace raw prompts"
-                    )
-                rendered = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        texts = list(texts)
+        if self.options.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise TokentrailError(
+                    f"model {self.loaded.name!r} has no chat template; drop --chat to trace raw prompts"
                 )
-                ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(text)["input_ids"]
+            rendered = [
+                tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=False)
+                for text in texts
+            ]
+            all_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if texts else []
+        else:
+            # One call for all texts: a fast tokenizer encodes the list in Rust instead of once per prompt.
+            all_ids = tokenizer(texts)["input_ids"] if texts else []
+        encoded: list[list[int]] = []
+        for text, ids in zip(texts, all_ids):
             if not ids:
                 raise TokentrailError(f"prompt {text[:40]!r} encodes to no tokens; give it some text")
             if self._context is not None and len(ids) > self._context:
@@ -170,26 +315,42 @@ class Tracer:
                         f"{self._context}; shorten it or pass --truncate"
                     )
                 ids = ids[-self._context :]  # keep the end: the traced next-token state lives there
-            if isinstance(self.position, int):
-                if not -len(ids) <= self.position < len(ids):
-                    raise TokentrailError(
-                        f"position {self.position} is outside prompt {text[:40]!r} of {len(ids)} tokens"
-                    )
+            if isinstance(self.position, int) and not -len(ids) <= self.position < len(ids):
+                raise TokentrailError(f"position {self.position} is outside prompt {text[:40]!r} of {len(ids)} tokens")
             encoded.append(list(ids))
         return encoded
 
-    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
-        """Length-sorted batches bounded by a prompt count and a padded-token budget."""
-        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-        batch: list[int] = []
-        for index in order:
-            widest = max([lengths[index]] + [lengths[i] for i in batch])
-            if batch and (len(batch) >= self.batch_size or widest * (len(batch) + 1) > self.max_batch_tokens):
-                yield batch
-                batch = []
-            batch.append(index)
-        if batch:
-            yield batch
+    def plan_batches(self, lengths: Sequence[int]) -> list[np.ndarray]:
+        """Prompt indices of each forward pass: longest prompts first, so a batch too big fails at once.
+
+        Sorting by length keeps padding small; each batch takes as many prompts as the count, token and
+        memory bounds allow at the width of its longest prompt. Without a fixed `batch_size` a batch also
+        stops where padding would exceed `AUTO_MAX_PADDING` of its real tokens, and on a CPU at
+        `AUTO_CPU_BATCH_TOKENS` padded tokens, past which a CPU runs no faster per token.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        order = np.lexsort((np.arange(len(lengths)), -lengths))
+        auto = self.batch_size is None
+        max_count = self.batch_size or len(lengths)
+        max_tokens = self.max_batch_tokens
+        if auto and self.loaded.device.type == "cpu":
+            max_tokens = min(max_tokens or AUTO_CPU_BATCH_TOKENS, AUTO_CPU_BATCH_TOKENS)
+        batches: list[np.ndarray] = []
+        start = 0
+        while start < len(order):
+            width = int(lengths[order[start]])
+            fit = max_count
+            if max_tokens is not None:
+                fit = min(fit, max_tokens // width)
+            fit = min(fit, self.memory_budget // max(1, self._cost(1, width)))
+            if auto and fit > 1:
+                real = np.cumsum(lengths[order[start : start + fit]])
+                padded = width * np.arange(1, len(real) + 1)
+                fit = int(np.flatnonzero(padded <= (1 + AUTO_MAX_PADDING) * real)[-1]) + 1
+            fit = max(1, int(fit))  # one prompt always goes, even past the budget: there is no smaller batch
+            batches.append(order[start : start + fit])
+            start += fit
+        return batches
 
     def _selected_index(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         """Column of the traced token in each padded row."""
@@ -201,20 +362,39 @@ class Tracer:
             return offset + self.position
         return offset + lengths + self.position
 
+    def _padded(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and attention mask of one batch, built with array indexing rather than a loop per prompt."""
+        n, width = len(lengths), int(lengths.max())
+        rows = np.repeat(np.arange(n), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        columns = within + (width - lengths)[rows] if self.padding_side == "left" else within
+        input_ids = np.full((n, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        input_ids[rows, columns] = flat[np.repeat(starts, lengths) + within]
+        mask[rows, columns] = 1
+        return torch.from_numpy(input_ids), torch.from_numpy(mask)
+
     @contextlib.contextmanager
-    def _capture(self, rows: torch.Tensor, columns: torch.Tensor, keep_all: bool) -> Iterator[dict[str, Any]]:
-        """Hooks that keep the chosen positions of every layer; always removed, even on error."""
+    def _hooks(self, capture: _Capture) -> Iterator[None]:
+        """Hooks that copy the chosen positions of every layer into `capture`; always removed, even on error.
+
+        They are registered once per call rather than once per batch, and write each layer's rows straight
+        into one preallocated tensor on the model's device, so a GPU is not synchronised once per layer.
+        """
         parts = self.loaded.parts
-        captured: dict[str, Any] = {"layers": [None] * (parts.n_layers + 1), "full": [None] * (parts.n_layers + 1)}
 
         def keep(slot: int, hidden: torch.Tensor) -> None:
-            captured["layers"][slot] = hidden[rows, columns].detach().to(torch.float32).cpu()
-            if keep_all:
-                captured["full"][slot] = hidden.detach().to(torch.float32).cpu()
+            if not capture.active:
+                return
+            if capture.layers is None:
+                capture.layers = torch.empty((capture.n_rows, parts.n_layers + 1, hidden.shape[-1]),
+                                             dtype=torch.float32, device=self.loaded.device)
+            capture.layers[:, slot].copy_(capture.pick(hidden))
+            if capture.keep_all:
+                capture.full[slot] = hidden.detach().to(torch.float32).cpu()
 
         def pre_first_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            keep(0, hidden)
+            keep(0, args[0] if args else kwargs["hidden_states"])
 
         def after_block(slot: int):
             def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -223,14 +403,16 @@ class Tracer:
             return hook
 
         def after_norm(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            captured["final"] = output[rows, columns].detach()
+            if capture.active:
+                # A copy, not a view: a view would keep the whole normed sequence alive until the readout.
+                capture.final = capture.pick(output).clone()
 
         handles = [parts.blocks[0].register_forward_pre_hook(pre_first_block, with_kwargs=True)]
         try:
             for slot, block in enumerate(parts.blocks, start=1):
                 handles.append(block.register_forward_hook(after_block(slot)))
             handles.append(parts.final_norm.register_forward_hook(after_norm))
-            yield captured
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -242,88 +424,164 @@ class Tracer:
             logits = torch.tanh(logits / parts.logit_softcap) * parts.logit_softcap
         return logits
 
+    def _lens(self, layers: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of final norm + unembedding on every layer, all layers of a batch in as few matmuls as fit.
+
+        The rows go through in chunks of bounded size: B x (L+1) rows of vocabulary-wide logits would
+        otherwise take more memory than the forward pass itself.
+        """
+        parts = self.loaded.parts
+        norm_param = next(parts.final_norm.parameters(), None)
+        device = norm_param.device if norm_param is not None else layers.device
+        dtype = norm_param.dtype if norm_param is not None else layers.dtype
+        n, depth, hidden = layers.shape
+        flat = layers.reshape(n * depth, hidden)
+        vocab = int(parts.unembed.weight.shape[0])
+        chunk = max(1, (256 << 20) // (8 * vocab))
+        ids, probs = [], []
+        for start in range(0, len(flat), chunk):
+            rows = flat[start : start + chunk].to(device=device, dtype=dtype)
+            top = torch.softmax(self._logits(parts.final_norm(rows)), dim=-1).topk(k, dim=-1)
+            ids.append(top.indices)
+            probs.append(top.values)
+        return torch.cat(ids).reshape(n, depth, k), torch.cat(probs).reshape(n, depth, k)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host to GPU without stalling: from pageable memory a copy waits for the GPU to finish its queue."""
+        device = self.loaded.device
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
     @torch.inference_mode()
     def trace_ids(self, encoded: Sequence[Sequence[int]]) -> dict[str, Any]:
-        """Trace already-encoded prompts; arrays come back in input order."""
+        """Trace already-encoded prompts; arrays come back in input order.
+
+        On a GPU the results of a batch are copied to pinned host memory asynchronously and read back two
+        batches later, so the GPU never waits for Python and Python never waits for the GPU.
+        """
         n = len(encoded)
         parts = self.loaded.parts
         device = self.loaded.device
         model = self.loaded.model
         k = self.options.top_k
         keep_all = self.position == "all"
-        lengths = [len(ids) for ids in encoded]
-        states: np.ndarray | None = None
-        final_states: np.ndarray | None = None
-        next_ids = np.zeros((n, k), dtype=np.int64)
-        next_probs = np.zeros((n, k), dtype=np.float32)
-        lens_ids = np.zeros((n, parts.n_layers + 1, k), dtype=np.int64) if self.options.logit_lens else None
-        lens_probs = np.zeros((n, parts.n_layers + 1, k), dtype=np.float32) if self.options.logit_lens else None
-        token_states: list[np.ndarray | None] = [None] * n
-        for batch in self._batches(lengths):
-            width = max(lengths[i] for i in batch)
-            input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids = torch.tensor(encoded[index], dtype=torch.long)
-                span = slice(width - len(ids), width) if self.padding_side == "left" else slice(0, len(ids))
-                input_ids[row, span] = ids
-                mask[row, span] = 1
-            batch_lengths = torch.tensor([lengths[i] for i in batch])
-            rows = torch.arange(len(batch))
-            columns = self._selected_index(batch_lengths, width)
-            kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-                                      "use_cache": False}
-            if self._pass_position_ids:
-                # Models with absolute position embeddings (GPT-2, OPT) otherwise number pad tokens too and
-                # shift every left-padded prompt's positions.
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            if self._logits_to_keep:
-                kwargs["logits_to_keep"] = 1  # the readout is recomputed from the captured final state
-            with self._capture(rows.to(device), columns.to(device), keep_all) as captured:
-                model(**kwargs)
-            self.n_forward_passes += 1
-            stacked = torch.stack(captured["layers"], dim=1)  # [B, L+1, H]
-            if states is None:
-                states = np.zeros((n, stacked.shape[1], stacked.shape[2]), dtype=np.float32)
-                final_states = np.zeros((n, stacked.shape[2]), dtype=np.float32)
-            index = np.asarray(batch)
-            states[index] = stacked.numpy()
-            final = captured["final"]
-            final_states[index] = final.to(torch.float32).cpu().numpy()
-            probs = torch.softmax(self._logits(final), dim=-1)
-            top = probs.topk(k, dim=-1)
-            next_ids[index] = top.indices.cpu().numpy()
-            next_probs[index] = top.values.cpu().numpy()
-            if lens_ids is not None:
-                dtype = next(parts.final_norm.parameters(), final).dtype
-                for layer in range(stacked.shape[1]):
-                    layer_state = stacked[:, layer].to(device=device, dtype=dtype)
-                    lens = torch.softmax(self._logits(parts.final_norm(layer_state)), dim=-1).topk(k, dim=-1)
-                    lens_ids[index, layer] = lens.indices.cpu().numpy()
-                    lens_probs[index, layer] = lens.values.cpu().numpy()
-            if keep_all:
-                full = torch.stack(captured["full"], dim=2)  # [B, T, L+1, H]
-                for row, prompt_index in enumerate(batch):
-                    length = lengths[prompt_index]
-                    span = slice(width - length, width) if self.padding_side == "left" else slice(0, length)
-                    token_states[prompt_index] = full[row, span].numpy().copy()
-        assert states is not None and final_states is not None
-        return {
-            "states": states,
-            "final_states": final_states,
-            "next_token_ids": next_ids,
-            "next_token_probs": next_probs,
-            "lens_token_ids": lens_ids,
-            "lens_probs": lens_probs,
-            "token_states": token_states if keep_all else None,
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=n)
+        starts = np.zeros(n, dtype=np.int64)
+        starts[1:] = np.cumsum(lengths)[:-1]
+        flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum()))
+        # With left padding every row ends at the traced token, so the model's own last-column logits are the
+        # next-token readout and the unembedding need not run a second time.
+        model_readout = self.position == "last" and self.padding_side == "left"
+        out: dict[str, np.ndarray | None] = {
+            "states": None,
+            "final_states": None,
+            "next_token_ids": np.zeros((n, k), dtype=np.int64),
+            "next_token_probs": np.zeros((n, k), dtype=np.float32),
+            "lens_token_ids": np.zeros((n, parts.n_layers + 1, k), dtype=np.int64) if self.options.logit_lens else None,
+            "lens_probs": np.zeros((n, parts.n_layers + 1, k), dtype=np.float32) if self.options.logit_lens else None,
         }
+        token_states: list[np.ndarray | None] = [None] * n
+        pending: collections.deque = collections.deque()
+
+        def settle(keep: int) -> None:
+            """Write the results of all but the newest `keep` batches into the output arrays."""
+            while len(pending) > keep:
+                index, event, results = pending.popleft()
+                if event is not None:
+                    event.synchronize()
+                for name, value in results.items():
+                    array = value.numpy()
+                    if out[name] is None:
+                        out[name] = np.zeros((n, *array.shape[1:]), dtype=array.dtype)
+                    out[name][index] = array
+
+        capture = _Capture()
+        capture.keep_all = keep_all
+        with self._hooks(capture):
+            for index in self.plan_batches(lengths):
+                batch_lengths = lengths[index]
+                width = int(batch_lengths.max())
+                input_ids, mask = self._padded(flat, starts[index], batch_lengths)
+                columns = self._selected_index(torch.from_numpy(batch_lengths), width)
+                capture.n_rows = len(index)
+                capture.column = int(columns[0]) if bool((columns == columns[0]).all()) else None
+                if capture.column is None:
+                    capture.rows = torch.arange(len(index), device=device)
+                    capture.columns = columns.to(device)
+                capture.layers, capture.final = None, None
+                capture.full = [None] * (parts.n_layers + 1)
+                mask_on_device = self._to_device(mask)
+                kwargs: dict[str, Any] = {"input_ids": self._to_device(input_ids), "attention_mask": mask_on_device,
+                                          "use_cache": False}
+                if self._pass_position_ids:
+                    # Models with absolute position embeddings (GPT-2, OPT) otherwise number pad tokens too and
+                    # shift every left-padded prompt's positions.
+                    kwargs["position_ids"] = (mask_on_device.cumsum(-1) - 1).clamp(min=0)
+                if self._logits_to_keep:
+                    kwargs["logits_to_keep"] = 1  # the readout needs one column at most
+                capture.active = True
+                try:
+                    output = model(**kwargs)
+                finally:
+                    capture.active = False
+                self.n_forward_passes += 1
+                layers, final = capture.layers, capture.final
+                logits = output.logits[:, -1].to(torch.float32) if model_readout else self._logits(final)
+                del output
+                top = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+                results = {"states": layers, "final_states": final.to(torch.float32),
+                           "next_token_ids": top.indices, "next_token_probs": top.values}
+                if self.options.logit_lens:
+                    results["lens_token_ids"], results["lens_probs"] = self._lens(layers, k)
+                same_device = all(value.device == device for value in results.values())
+                if device.type == "cuda" and same_device and not keep_all:
+                    host = {}
+                    for name, value in results.items():
+                        host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                        host[name].copy_(value, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    pending.append((index, event, host))
+                    settle(keep=2)
+                else:
+                    pending.append((index, None, {name: value.cpu() for name, value in results.items()}))
+                    settle(keep=0)
+                if keep_all:
+                    full = torch.stack(capture.full, dim=2)  # [B, T, L+1, H]
+                    for row, prompt_index in enumerate(index.tolist()):
+                        length = int(lengths[prompt_index])
+                        span = slice(width - length, width) if self.padding_side == "left" else slice(0, length)
+                        token_states[prompt_index] = full[row, span].numpy().copy()
+            settle(keep=0)
+        assert out["states"] is not None and out["final_states"] is not None
+        return {**out, "token_states": token_states if keep_all else None}
+
+    def _token_strings(self, unique_ids: np.ndarray) -> list[str]:
+        strings = self.loaded.tokenizer.convert_ids_to_tokens([int(i) for i in unique_ids])
+        return [self.loaded.tokenizer.convert_tokens_to_string([s]) if s is not None else "" for s in strings]
 
     def decode_each(self, ids: np.ndarray) -> list:
         """Token strings with the same nesting as `ids` (one string per id)."""
-        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
-        strings = self.loaded.tokenizer.convert_ids_to_tokens(flat)
-        texts = [self.loaded.tokenizer.convert_tokens_to_string([s]) if s is not None else "" for s in strings]
-        return np.asarray(texts, dtype=object).reshape(np.asarray(ids).shape).tolist()
+        array = np.asarray(ids)
+        unique, inverse = np.unique(array.reshape(-1), return_inverse=True)
+        # Each distinct id is decoded once; a batch repeats the same few thousand tokens many times over.
+        texts = np.asarray(self._token_strings(unique), dtype=object)
+        return texts[inverse.reshape(-1)].reshape(array.shape).tolist()
+
+    def _decode_prompts(self, encoded: Sequence[Sequence[int]]) -> list[list[str]]:
+        """Token strings of every prompt, decoding each distinct id once for all prompts together."""
+        if not encoded:
+            return []
+        lengths = [len(ids) for ids in encoded]
+        flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=sum(lengths))
+        unique, inverse = np.unique(flat, return_inverse=True)
+        texts = np.asarray(self._token_strings(unique), dtype=object)[inverse.reshape(-1)].tolist()
+        out, start = [], 0
+        for length in lengths:
+            out.append(texts[start : start + length])
+            start += length
+        return out
 
     def trace(
         self,
@@ -345,7 +603,7 @@ class Tracer:
             states=arrays["states"],
             final_states=arrays["final_states"],
             token_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded],
-            tokens=[self.decode_each(np.asarray(ids)) for ids in encoded],
+            tokens=self._decode_prompts(encoded),
             next_token_ids=arrays["next_token_ids"],
             next_token_probs=arrays["next_token_probs"],
             next_tokens=self.decode_each(arrays["next_token_ids"]),

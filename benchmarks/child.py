@@ -1,0 +1,199 @@
+"""Benchmark parts that need a process of their own; each prints one JSON line as its last output.
+
+Peak memory can only be told apart per configuration in a fresh process (the resident set never shrinks back
+to what it was), and a cold start has to start cold. `run.py` calls this file; it is not meant for users.
+
+    python benchmarks/child.py memory --config bare|tokentrail|hidden_states --prompts 32 --tokens 2048
+    python benchmarks/child.py load --kind cold|cached --repeats 5
+    python benchmarks/child.py trace-cli --out DIR
+    python benchmarks/child.py projection --prompts 100000 --layers 31 --hidden 576 --batch 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> bool:
+    """Start the high-water mark again from the current resident set (Linux >= 4.0), so that the peak read
+    later belongs to what ran after this call and not to model loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """Peak resident set since `reset_peak` (VmHWM), or over the process's life if the reset was refused."""
+    hwm = _status_kib("VmHWM") * 1024
+    return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def emit(result: dict) -> None:
+    result["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result), flush=True)
+
+
+def memory(config: str, n_prompts: int, n_tokens: int) -> None:
+    import torch
+    from workloads import long_token_ids
+
+    from tokentrail.models import load_model
+    from tokentrail.trace import TraceOptions, Tracer
+
+    loaded = load_model("default")
+    model = loaded.model
+    encoded = long_token_ids(model.config.vocab_size, n_prompts, n_tokens)
+    input_ids = torch.tensor(encoded)
+    mask = torch.ones_like(input_ids)
+    # The same call for all three, logits for the last column only: what differs is what is kept per layer.
+    kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False, "logits_to_keep": 1,
+              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    tracer = Tracer(loaded, TraceOptions(logit_lens=False), batch_size=n_prompts, memory_budget=1 << 62)
+    with torch.inference_mode():
+        # The weights are memory-mapped and only become resident when first used; a tiny forward pass pages
+        # them all in, so that the baseline below holds the whole model and the peak holds activations only.
+        model(input_ids=input_ids[:1, :8], use_cache=False, logits_to_keep=1)
+    gc.collect()
+    baseline = rss_bytes()
+    resettable = reset_peak()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if config == "bare":
+            model(**kwargs)
+            kept = None
+        elif config == "tokentrail":
+            kept = tracer.trace_ids(encoded)["states"]
+        elif config == "hidden_states":
+            out = model(**kwargs, output_hidden_states=True)
+            kept = torch.stack([h[:, -1] for h in out.hidden_states], dim=1).numpy()
+            del out
+        else:
+            raise SystemExit(f"unknown config {config}")
+    seconds = time.perf_counter() - started
+    emit({"config": config, "prompts": n_prompts, "tokens": n_tokens, "seconds": seconds,
+          "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_bytes(), "peak_reset": resettable,
+          "kept_bytes": 0 if kept is None else int(kept.nbytes), "threads": torch.get_num_threads()})
+
+
+def load(kind: str, repeats: int) -> None:
+    from tokentrail.models import load_model
+
+    load_model("default")  # warm-up, excluded: imports, page cache of the GGUF and of the cached weights
+    gc.collect()
+    times = []
+    for _ in range(repeats):
+        cache = tempfile.mkdtemp(prefix="tokentrail-cold-") if kind == "cold" else None
+        if cache:
+            os.environ["TOKENTRAIL_CACHE"] = cache
+        try:
+            started = time.perf_counter()
+            loaded = load_model("default")
+            times.append(time.perf_counter() - started)
+            del loaded
+            gc.collect()
+        finally:
+            if cache:
+                os.environ.pop("TOKENTRAIL_CACHE", None)
+                shutil.rmtree(cache, ignore_errors=True)
+    emit({"kind": kind, "times_s": times})
+
+
+def trace_cli(out_dir: str) -> None:
+    """`tokentrail trace --preset seed-categories`, counting model loads and forward passes on the way."""
+    started = time.perf_counter()
+    import tokentrail.models
+    import tokentrail.runs
+    from tokentrail.cli import main
+
+    loads = {"count": 0}
+    original = tokentrail.models.load_model
+
+    def counting_load(*args, **kwargs):
+        loads["count"] += 1
+        return original(*args, **kwargs)
+
+    tokentrail.models.load_model = counting_load
+    if hasattr(tokentrail.runs, "load_model"):
+        tokentrail.runs.load_model = counting_load
+    code = main(["trace", "--preset", "seed-categories", "--out", out_dir, "--quiet"])
+    run = json.loads((Path(out_dir) / "run.json").read_text())
+    modeling = sorted(name for name in sys.modules if name.startswith("transformers.models.") and ".modeling_" in name)
+    emit({"exit_code": code, "seconds_in_process": time.perf_counter() - started, "model_loads": loads["count"],
+          "forward_passes": run.get("last_trace", {}).get("forward_passes"),
+          "traced": run.get("last_trace", {}).get("traced"), "modeling_modules_imported": modeling})
+
+
+def projection(n_prompts: int, n_layers: int, hidden: int, batch: int, components: int) -> None:
+    import numpy as np
+    from workloads import synthetic_trajectories
+
+    from tokentrail.analysis.projection import TrajectoryPCA
+
+    gc.collect()
+    baseline = rss_bytes()
+    resettable = reset_peak()
+    started = time.perf_counter()
+    pca = TrajectoryPCA(n_components=components)
+    pca.fit_stream(lambda: synthetic_trajectories(n_prompts, n_layers, hidden, batch))
+    seconds = time.perf_counter() - started
+    emit({"prompts": n_prompts, "layers": n_layers, "hidden": hidden, "batch_prompts": batch,
+          "data_bytes": n_prompts * n_layers * hidden * 4, "seconds": seconds, "baseline_rss_bytes": baseline,
+          "peak_rss_bytes": peak_bytes(), "peak_reset": resettable,
+          "explained_variance_ratio": np.asarray(pca.explained_variance_ratio_).tolist()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("memory")
+    p.add_argument("--config", required=True)
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=2048)
+    p = sub.add_parser("load")
+    p.add_argument("--kind", required=True, choices=["cold", "cached"])
+    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("trace-cli")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("projection")
+    p.add_argument("--prompts", type=int, default=100_000)
+    p.add_argument("--layers", type=int, default=31)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--components", type=int, default=2)
+    args = parser.parse_args()
+    if args.what == "memory":
+        memory(args.config, args.prompts, args.tokens)
+    elif args.what == "load":
+        load(args.kind, args.repeats)
+    elif args.what == "trace-cli":
+        trace_cli(args.out)
+    else:
+        projection(args.prompts, args.layers, args.hidden, args.batch, args.components)
+
+
+if __name__ == "__main__":
+    main()

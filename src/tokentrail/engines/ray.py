@@ -1,0 +1,195 @@
+"""Ray engine: trace what the store lacks on Ray actors, one model copy per actor, all writing into one store.
+
+The prompts the store lacks are cut into shards exactly as the local engine cuts them, and each shard goes to
+the next idle actor. An actor traces its shard and commits it with `TraceStore.add`, which takes the store's
+file lock and rereads the manifest, so actors never overwrite each other's entries and an interrupted run
+keeps every committed shard. Because a shard's prompts are batched the same way on any engine, the stored
+arrays are the ones the local engine would have written.
+
+Every actor opens the store by path: on a cluster of several machines the store must lie on a filesystem all
+of them mount at the same path (NFS, a cluster filesystem); an actor that cannot see it says so and stops.
+Ray is optional: `pip install 'tokentrail[ray]'`.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from tokentrail.engines.local import TraceReport, progress_bar
+from tokentrail.errors import TokentrailError
+from tokentrail.store import TraceStore
+from tokentrail.trace import TraceOptions
+
+if TYPE_CHECKING:  # importing tokentrail.runs at run time would make runs -> engines -> runs a cycle
+    from tokentrail.runs import ModelSettings
+
+INSTALL_HINT = "install the ray extra: pip install 'tokentrail[ray]'"
+
+
+def require_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise TokentrailError(f"--engine ray needs Ray, which is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+class ShardWorker:
+    """One model copy on one Ray worker; traces whole shards and commits each into the shared store.
+
+    The model is loaded by the first call rather than in the constructor: an error raised by a method comes
+    back to the driver as that exception, one raised by a constructor only as the text of a dead actor.
+    """
+
+    def __init__(self, store_root: str, model_settings: ModelSettings, options: TraceOptions,
+                 batch_size: int | None, threads: int | None) -> None:
+        self.store_root = Path(store_root)
+        self.model_settings = model_settings
+        self.options = options
+        self.batch_size = batch_size
+        self.threads = threads
+        self.store: TraceStore | None = None
+        self.tracer: Any = None
+
+    def _setup(self) -> None:
+        import torch
+
+        from tokentrail.trace import Tracer
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if not (self.store_root / "manifest.json").exists():
+            import socket
+
+            raise TokentrailError(
+                f"a Ray worker on {socket.gethostname()} cannot see the store {self.store_root}; on a cluster "
+                "the run directory must be on a filesystem every node mounts at the same path"
+            )
+        self.store = TraceStore.open(self.store_root)
+        self.tracer = Tracer(self.model_settings.load(), self.options, batch_size=self.batch_size)
+
+    def trace_shard(self, texts: list[str]) -> tuple[int, int]:
+        """Trace and commit one shard; returns (prompts traced, forward passes run)."""
+        if self.tracer is None:
+            self._setup()
+        before = self.tracer.n_forward_passes
+        self.store.add(self.tracer.trace(texts))
+        return len(texts), self.tracer.n_forward_passes - before
+
+
+def _worker_resources(ray, model_settings: ModelSettings, n_workers: int, cpus_per_worker: float | None,
+                      gpus_per_worker: float | None) -> tuple[float, float]:
+    """CPUs and GPUs each actor asks Ray for: a GPU each when the model is meant for one and the cluster has
+    them, else an equal share of the cluster's CPUs so that actors do not oversubscribe the cores."""
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:
+        wants_gpu = model_settings.device in ("cuda", "auto") or bool(model_settings.device_map)
+        gpus_per_worker = 1.0 if wants_gpu and resources.get("GPU", 0) >= 1 else 0.0
+    if cpus_per_worker is None:
+        share = int(resources.get("CPU", 1) // max(1, n_workers))
+        cpus_per_worker = 1.0 if gpus_per_worker else float(max(1, share))
+    return float(cpus_per_worker), float(gpus_per_worker)
+
+
+def _unwrap(ray, exc: BaseException) -> TokentrailError:
+    """A failed actor's error as one line: the worker's own TokentrailError when it raised one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, TokentrailError):
+        return cause
+    if isinstance(exc, ray.exceptions.RayActorError) and getattr(exc, "actor_init_failed", False):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return TokentrailError(f"a Ray worker could not start: {lines[-1] if lines else 'no detail'}")
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return TokentrailError(
+            "a Ray worker died (out of memory, or its node was lost); the shards already traced are stored: "
+            "rerun the same command to resume"
+        )
+    detail = cause if cause is not None else exc
+    first = str(detail).strip().splitlines()[0] if str(detail).strip() else type(detail).__name__
+    return TokentrailError(f"a Ray worker failed: {type(detail).__name__}: {first}; rerun to resume")
+
+
+def trace_into_store_ray(
+    store: TraceStore,
+    texts: Sequence[str],
+    model_settings: ModelSettings,
+    options: TraceOptions,
+    batch_size: int | None,
+    shard_size: int,
+    n_workers: int = 2,
+    address: str | None = None,
+    show_progress: bool = True,
+    console: Console | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+) -> TraceReport:
+    """Trace the texts the store does not hold yet on `n_workers` Ray actors; same result as the local engine.
+
+    `address` joins a running cluster ("auto", "ray://host:10001", "host:6379"); without it the Ray instance
+    this process already started is used, or a local one is started for this call and stopped after it.
+    No actor, and no model, is started when nothing is missing.
+    """
+    if n_workers < 1:
+        raise TokentrailError(f"--workers must be at least 1, got {n_workers}")
+    if shard_size < 1:
+        raise TokentrailError(f"--shard-size must be at least 1, got {shard_size}")
+    ray = require_ray()
+    missing = store.missing(texts)
+    problems = list(store.problems)
+    unique = len(set(texts))
+    if not missing:
+        return TraceReport(traced=0, reused=unique, shards_written=0, forward_passes=0, problems=problems)
+    chunks = collections.deque(list(missing[start : start + shard_size])
+                               for start in range(0, len(missing), shard_size))
+    n_workers = min(n_workers, len(chunks))
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            # Worker output (weight-loading bars of every actor) would drown the progress bar; worker
+            # errors still come back as exceptions.
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise TokentrailError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    actors: list[Any] = []
+    traced = shards = passes = 0
+    try:
+        cpus, gpus = _worker_resources(ray, model_settings, n_workers, cpus_per_worker, gpus_per_worker)
+        remote = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus)
+        root = str(Path(store.root).resolve())
+        threads = int(cpus) if cpus >= 1 and not gpus else None
+        actors = [remote.remote(root, model_settings, options, batch_size, threads) for _ in range(n_workers)]
+        pending: dict[Any, Any] = {}
+        with progress_bar(console, disable=not show_progress) as progress:
+            task = progress.add_task("trace", total=len(missing))
+            for actor in actors:
+                if chunks:
+                    pending[actor.trace_shard.remote(chunks.popleft())] = actor
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(done[0])
+                try:
+                    count, forward_passes = ray.get(done[0])
+                except (ray.exceptions.RayError, TokentrailError) as exc:
+                    raise _unwrap(ray, exc) from None
+                traced += count
+                passes += forward_passes
+                shards += 1
+                progress.advance(task, count)
+                if chunks:
+                    pending[actor.trace_shard.remote(chunks.popleft())] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+        # The actors wrote through their own handles on the store; the caller's must see their shards.
+        fresh = TraceStore.open(store.root)
+        store.header, store.shards, store.index = fresh.header, fresh.shards, fresh.index
+    return TraceReport(traced=traced, reused=unique - len(missing), shards_written=shards,
+                       forward_passes=passes, problems=problems)

@@ -1,0 +1,407 @@
+"""Steering hooks, greedy generation and the steering experiment, checked on tiny random models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokentrail.errors import TokentrailError
+from tokentrail.prompts import Prompt, PromptSet
+from tokentrail.runs import trace_run
+from tokentrail.steer import (
+    Steering,
+    SteeringVector,
+    axis_score,
+    default_layers,
+    encode_prompts,
+    ends_line,
+    generate,
+    mcnemar_p,
+    random_vector,
+    residual_scale,
+    run_steering,
+    steering_vector,
+    wilson_interval,
+)
+from tokentrail.tasks import generate_problems
+from tokentrail.trace import Trace, TraceOptions, Tracer
+
+PROMPTS = [
+    "If John has 50 apples and gives 12 to Mary, he has",
+    "15 * 12 + 4 =",
+    "Solve",
+    "Once upon a time in a castle there lived a king. The capital of France is",
+]
+
+
+def _read_csv(path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _vector(loaded, layer: int, seed: int = 1) -> SteeringVector:
+    hidden = loaded.parts.unembed.weight.shape[1]
+    direction = np.random.default_rng(seed).standard_normal(hidden).astype(np.float32)
+    return SteeringVector(layer, direction / np.linalg.norm(direction), scale=3.0, method="test")
+
+
+def _hook_count(loaded) -> int:
+    return sum(len(block._forward_hooks) + len(block._forward_pre_hooks) for block in loaded.parts.blocks)
+
+
+def _trace(states: np.ndarray, categories: list[str]) -> Trace:
+    n = len(categories)
+    return Trace(prompt_ids=[f"p{i}" for i in range(n)], prompts=[f"t{i}" for i in range(n)], categories=categories,
+                 labels=[""] * n, states=states.astype(np.float32), final_states=states[:, -1].astype(np.float32),
+                 token_ids=[], tokens=[], next_token_ids=np.zeros((n, 1)), next_token_probs=np.zeros((n, 1)),
+                 next_tokens=[])
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("position", ["last", "prompt"])
+def test_hook_adds_exactly_delta_at_layer_and_position(tiny_loaded, arch, position):
+    """Block outputs captured with and without the hook on one unpadded prompt: the steered layer differs by
+    exactly alpha * scale * unit at the chosen positions, and nowhere else; earlier layers are untouched."""
+    loaded = tiny_loaded(arch)
+    layer, alpha = 2, 1.7
+    vector = _vector(loaded, layer)
+    ids = torch.tensor([encode_prompts(loaded, [PROMPTS[0]])[0]])
+    captured: dict[str, list[torch.Tensor]] = {"plain": [], "steered": []}
+
+    def run(key: str, steering: Steering | None) -> torch.Tensor:
+        def keep(module, args, output):
+            captured[key].append(_hidden(output).detach().clone())
+
+        with steering if steering is not None else torch.no_grad():
+            handles = [block.register_forward_hook(keep) for block in loaded.parts.blocks]
+            try:
+                with torch.no_grad():
+                    return loaded.model(input_ids=ids).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    plain_logits = run("plain", None)
+    steered_logits = run("steered", Steering(loaded, [vector], alpha, position))
+    plain, steered = captured["plain"], captured["steered"]
+    delta = torch.from_numpy(np.float32(alpha) * np.float32(3.0) * vector.direction)
+    assert torch.allclose(delta, torch.from_numpy(vector.delta(alpha)))
+    expected = plain[layer - 1].clone()
+    columns = slice(-1, None) if position == "last" else slice(None)
+    expected[:, columns] = plain[layer - 1][:, columns] + delta
+    assert torch.equal(steered[layer - 1], expected)
+    assert torch.allclose(steered[layer - 1] - plain[layer - 1], (expected - plain[layer - 1]), atol=1e-5)
+    for earlier in range(layer - 1):
+        assert torch.equal(steered[earlier], plain[earlier])
+    assert not torch.equal(steered_logits, plain_logits)
+    assert _hook_count(loaded) == 0
+
+
+@pytest.mark.parametrize("position", ["last", "prompt", "all"])
+def test_generation_steers_exactly_the_chosen_positions(tiny_loaded, position):
+    """Inside the real batched, left-padded, cached generation loop: at every forward pass (prefill and each
+    decode step) the steered block's output equals its raw output plus delta exactly where the position mode
+    says, and equals it bit for bit elsewhere."""
+    loaded = tiny_loaded("llama")
+    layer, alpha = 2, 2.5
+    vector = _vector(loaded, layer)
+    block = loaded.parts.blocks[layer - 1]
+    encoded = encode_prompts(loaded, PROMPTS)
+    raw: list[torch.Tensor] = []
+    post: list[torch.Tensor] = []
+    first = block.register_forward_hook(lambda m, a, o: raw.append(_hidden(o).detach().clone()))
+    try:
+        with Steering(loaded, [vector], alpha, position) as steering:
+            second = block.register_forward_hook(lambda m, a, o: post.append(_hidden(o).detach().clone()))
+            try:
+                out = generate(loaded, encoded, max_new_tokens=4, batch_size=8, steering=steering,
+                               stop_at_newline=False)
+            finally:
+                second.remove()
+    finally:
+        first.remove()
+    assert _hook_count(loaded) == 0
+    assert len(raw) == len(post) >= 2
+    delta = torch.from_numpy(vector.delta(alpha))
+    lengths = torch.tensor(sorted(len(ids) for ids in encoded))  # one batch, rows sorted by length
+    width = int(lengths.max())
+    for step, (before, after) in enumerate(zip(raw, post)):
+        if step == 0:
+            where = torch.zeros(before.shape[:2], dtype=torch.bool)
+            if position == "last":
+                where[:, -1] = True
+            else:  # every real prompt token of each left-padded row
+                where = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+        else:
+            where = torch.full(before.shape[:2], position == "all")
+        assert torch.equal(after, torch.where(where[..., None], before + delta, before)), (step, position)
+    assert len(out.texts) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("position", ["last", "prompt", "all"])
+def test_alpha_zero_is_bit_identical(tiny_loaded, position):
+    loaded = tiny_loaded("llama")
+    encoded = encode_prompts(loaded, PROMPTS)
+    kwargs = {"max_new_tokens": 6, "batch_size": 3, "capture_states": True, "keep_logits": True,
+              "stop_at_newline": False}
+    plain = generate(loaded, encoded, **kwargs)
+    zero = generate(loaded, encoded, steering=Steering(loaded, [_vector(loaded, 2), _vector(loaded, 3, 2)], 0.0,
+                                                     position), **kwargs)
+    assert zero.token_ids == plain.token_ids
+    assert all(len(ids) == 6 for ids in plain.token_ids)
+    assert len(zero.logits) == len(plain.logits) == len(PROMPTS)
+    for a, b in zip(zero.logits, plain.logits):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    assert np.array_equal(zero.states, plain.states)
+    assert _hook_count(loaded) == 0
+
+
+def test_nonzero_alpha_changes_generation(tiny_loaded):
+    loaded = tiny_loaded("llama")
+    encoded = encode_prompts(loaded, PROMPTS)
+    plain = generate(loaded, encoded, max_new_tokens=4, keep_logits=True, stop_at_newline=False)
+    pushed = generate(loaded, encoded, max_new_tokens=4, keep_logits=True, stop_at_newline=False,
+                      steering=Steering(loaded, [_vector(loaded, 1)], 5.0, "prompt"))
+    assert not all(np.array_equal(a, b) for a, b in zip(plain.logits, pushed.logits))
+
+
+def test_hooks_removed_on_error(tiny_loaded):
+    loaded = tiny_loaded("llama")
+    before = _hook_count(loaded)
+    with pytest.raises(RuntimeError, match="boom"), Steering(loaded, [_vector(loaded, 1)], 1.0):
+        assert _hook_count(loaded) == before + 1
+        raise RuntimeError("boom")
+    assert _hook_count(loaded) == before
+    wrong = SteeringVector(2, np.ones(7, dtype=np.float32) / np.sqrt(7), 1.0, "bad")  # wrong hidden size
+    with pytest.raises(RuntimeError):
+        generate(loaded, encode_prompts(loaded, PROMPTS[:2]), max_new_tokens=2, steering=Steering(loaded, [wrong], 1.0))
+    assert _hook_count(loaded) == before
+
+
+def test_steering_rejects_bad_settings(tiny_loaded):
+    loaded = tiny_loaded("llama")
+    with pytest.raises(TokentrailError, match="position"):
+        Steering(loaded, [_vector(loaded, 1)], 1.0, "middle")
+    with pytest.raises(TokentrailError, match="layers 1..3"):
+        Steering(loaded, [_vector(loaded, 4)], 1.0)
+    with pytest.raises(TokentrailError, match="same layer"):
+        Steering(loaded, [_vector(loaded, 1), _vector(loaded, 1, 5)], 1.0)
+
+
+def test_generate_matches_hf_generate(tiny_loaded):
+    """Our cached, left-padded greedy loop gives the tokens of HF's own greedy generate on single prompts."""
+    loaded = tiny_loaded("llama")
+    encoded = encode_prompts(loaded, PROMPTS)
+    ours = generate(loaded, encoded, max_new_tokens=5, batch_size=4, stop_at_newline=False)
+    for ids, got in zip(encoded, ours.token_ids):
+        with torch.no_grad():
+            ref = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert got == ref[0, len(ids):].tolist()[: len(got)]
+
+
+def test_captured_states_match_tracer_and_steered_retrace(tiny_loaded):
+    """Generation's prefill capture equals the Tracer's states; the Tracer run inside a Steering context
+    records the steered state (base + delta at the steered layer, last token)."""
+    loaded = tiny_loaded("llama")
+    tracer = Tracer(loaded, TraceOptions(logit_lens=False), batch_size=4)
+    base = tracer.trace(PROMPTS)
+    gen = generate(loaded, encode_prompts(loaded, PROMPTS), max_new_tokens=1, capture_states=True)
+    np.testing.assert_allclose(gen.states, base.states, atol=1e-5)
+    vector = _vector(loaded, 2)
+    with Steering(loaded, [vector], 0.8, "last"):
+        steered = tracer.trace(PROMPTS)
+    assert _hook_count(loaded) == 0
+    np.testing.assert_allclose(steered.states[:, :2], base.states[:, :2], atol=0)
+    np.testing.assert_allclose(steered.states[:, 2] - base.states[:, 2],
+                               np.broadcast_to(vector.delta(0.8), (len(PROMPTS), vector.direction.size)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ vectors
+
+
+def test_vectors_from_trace(tmp_path):
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((6, 4, 5))
+    categories = ["word-problems"] * 3 + ["pure-math"] * 3
+    states[3:, 2] += 4.0  # pure-math sits away along every axis at layer 2
+    trace = _trace(states, categories)
+    vector = steering_vector(trace, 2, "mean-diff")
+    diff = states[3:, 2].mean(0) - states[:3, 2].mean(0)
+    np.testing.assert_allclose(vector.direction, diff / np.linalg.norm(diff), rtol=1e-5)
+    assert vector.scale == pytest.approx(np.median(np.linalg.norm(states[:, 2], axis=1)))
+    assert residual_scale(trace, 2) == pytest.approx(vector.scale)
+    pca = steering_vector(trace, 2, "pca")
+    assert np.linalg.norm(pca.direction) == pytest.approx(1.0, abs=1e-6)
+    assert float(pca.direction @ diff) > 0  # signed from source to target
+    assert steering_vector(trace, 2, "pca", source="pure-math", target="word-problems").direction @ diff < 0
+    np.save(tmp_path / "one.npy", np.arange(5, dtype=np.float32))
+    np.save(tmp_path / "all.npy", np.eye(4, 5, dtype=np.float32))
+    assert np.argmax(steering_vector(trace, 2, tmp_path / "one.npy").direction) == 4
+    assert np.argmax(steering_vector(trace, 3, tmp_path / "all.npy").direction) == 3
+    from safetensors.numpy import save_file
+
+    save_file({"vector": np.ones(5, dtype=np.float32)}, str(tmp_path / "v.safetensors"))
+    np.testing.assert_allclose(steering_vector(trace, 1, tmp_path / "v.safetensors").direction, np.full(5, 5 ** -0.5),
+                               rtol=1e-6)
+    np.save(tmp_path / "bad.npy", np.ones(3, dtype=np.float32))
+    with pytest.raises(TokentrailError, match="shape"):
+        steering_vector(trace, 1, tmp_path / "bad.npy")
+    with pytest.raises(TokentrailError, match="categories are"):
+        steering_vector(trace, 1, source="stories")
+    with pytest.raises(TokentrailError, match="1..3"):
+        steering_vector(trace, 0)
+    control = random_vector(vector, seed=0)
+    assert control.scale == vector.scale and control.layer == 2
+    assert np.linalg.norm(control.direction) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(control.direction, random_vector(vector, seed=0).direction)
+
+
+def test_axis_score():
+    a, b = np.array([1.0, 0.0]), np.array([3.0, 0.0])
+    scores = axis_score(np.array([[1.0, 5.0], [3.0, -2.0], [2.0, 0.0], [5.0, 0.0]]), a, b)
+    np.testing.assert_allclose(scores, [0.0, 1.0, 0.5, 2.0])
+
+
+def test_wilson_and_mcnemar():
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert mcnemar_p(0, 5) == pytest.approx(0.0625)
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 3) == 1.0
+
+
+def test_ends_line():
+    assert ends_line(" 38\n")
+    assert ends_line("\n 38\n")
+    assert ends_line(" 38\nmore")
+    assert not ends_line("\n")
+    assert not ends_line(" \n\n")
+    assert not ends_line("\n 38")
+    assert not ends_line(" 38")
+
+
+def test_default_layers():
+    assert default_layers(30) == [10, 15]
+    assert default_layers(3) == [1, 2]
+    assert default_layers(1) == [1]
+
+
+# --------------------------------------------------------------------------------------------- experiment
+
+
+def test_run_steering_end_to_end(tmp_path, tiny_loaded):
+    """A run directory with no run in it gets the seed-spectrum preset traced, then the sweep writes steer/."""
+    loaded = tiny_loaded("llama")
+    run_dir = tmp_path / "run"
+    # The tiny tokenizer spells "Question:" byte by byte; the bare question keeps prompts inside its context of 128.
+    result = run_steering(run_dir, loaded, layers=[1, 2], alphas=[0.0, 1.0], n_problems=12, max_new_tokens=3,
+                          batch_size=5, word_format="{question}", show_progress=False)
+    assert (run_dir / "run.json").exists()
+    out = run_dir / "steer"
+    for name in ("results.csv", "problems.csv", "summary.json", "gain_heatmap.png", "gain_heatmap.svg"):
+        assert (out / name).stat().st_size > 0, name
+    rows = _read_csv(out / "results.csv")
+    assert [r["condition"] for r in rows[:2]] == ["baseline", "pure-math"]
+    assert len(rows) == 2 + 2 * 2 * 2
+    assert len(_read_csv(out / "problems.csv")) == 12 * len(rows)
+    for layer in (1, 2):
+        zero = result.row("steer", layer, 0.0)
+        assert zero["gain"] == 0 and zero["changed"] == 0 and zero["axis_shift_layer"] == pytest.approx(0, abs=1e-9)
+        assert result.row("random", layer, 0.0)["changed"] == 0
+        pushed = result.row("steer", layer, 1.0)
+        # mean-diff moves the steered layer's last-token state by alpha * scale / centroid distance on the axis
+        expected = result.settings["scales"][str(layer)] / result.settings["centroid_distance"][str(layer)]
+        assert pushed["axis_shift_layer"] == pytest.approx(expected, rel=1e-3)
+        assert result.row("random", layer, 1.0)["axis_shift_layer"] < expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["layers"] == [1, 2] and len(summary["rows"]) == len(rows)
+    assert set(summary["axis_profiles"]) == {"baseline", "pure-math"}
+    assert set(summary["accuracy_by_template"]["baseline"]) == {p.template for p in generate_problems(12)}
+    assert len(summary["axis_profiles"]["baseline"]) == loaded.parts.n_layers + 1
+    section = result.section()
+    assert section["title"] == "Steering experiment"
+    assert section["html_figures"] == [out / "gain_heatmap.png"]
+    assert len(section["table"]) == len(rows) and "accuracy" in section["table"][0]
+    assert "Baseline accuracy" in section["text"]
+    assert _hook_count(loaded) == 0
+
+
+def test_run_steering_checks(tmp_path, tiny_loaded):
+    llama, gpt2 = tiny_loaded("llama"), tiny_loaded("gpt2")
+    run_dir = tmp_path / "run"
+    prompts = PromptSet("mini", [Prompt(f"p{i}", t, c) for i, (t, c) in enumerate(
+        [("12 + 5 =", "pure-math"), ("3 * 4 =", "pure-math"), ("Tom has 3 apples and", "word-problems"),
+         ("Mary is 10, John", "word-problems")])])
+    trace_run(run_dir, prompts, llama, TraceOptions(), show_progress=False)
+    with pytest.raises(TokentrailError, match="traced with model"):
+        run_steering(run_dir, gpt2, layers=[1], alphas=[1.0], n_problems=2, show_progress=False)
+    with pytest.raises(TokentrailError, match="categories are"):
+        run_steering(run_dir, llama, layers=[1], alphas=[1.0], n_problems=2, target="pure-code", show_progress=False)
+    with pytest.raises(TokentrailError, match="alpha"):
+        run_steering(run_dir, llama, alphas=[], show_progress=False)
+    with pytest.raises(TokentrailError, match="method"):
+        run_steering(run_dir, llama, method="nonsense", show_progress=False)
+    result = run_steering(run_dir, llama, layers=[3], alphas=[0.5], n_problems=3, max_new_tokens=2,
+                          method="pca", position="all", word_format="{question}", show_progress=False)
+    assert result.row("steer", 3, 0.5)["method"] == "pca"
+    assert result.row("steer", 3, 0.5)["position"] == "all"
+
+
+def test_heatmap(tmp_path):
+    from tokentrail.viz.steer_figures import draw_gain_heatmap, plot_gain_heatmap
+
+    rows = [{"condition": "baseline", "layer": None, "alpha": None, "gain": 0.0, "accuracy": 0.1, "n": 20}]
+    for layer in (3, 6):
+        for alpha in (0.5, 1.0):
+            rows.append({"condition": "steer", "layer": layer, "alpha": alpha, "gain": 0.05 * layer * alpha,
+                         "p_vs_baseline": 0.01})
+            rows.append({"condition": "random", "layer": layer, "alpha": alpha, "gain": -0.02, "p_vs_baseline": 0.9})
+    fig = draw_gain_heatmap(rows, title="tiny $model")
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 2
+    texts = [t.get_text() for t in image_axes[0].texts]
+    assert "+30.0*" in texts and len(texts) == 4
+    png, svg = plot_gain_heatmap(rows, tmp_path / "h")
+    assert png.read_bytes()[:4] == b"\x89PNG" and b"<svg" in svg.read_bytes()[:500]
+
+
+# --------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_embedded_tiny_sweep(tmp_path, embedded):
+    result = run_steering(tmp_path / "run", embedded, layers=[10], alphas=[0.5], n_problems=20, show_progress=False)
+    assert {r["condition"] for r in result.rows} == {"baseline", "pure-math", "steer", "random"}
+    for row in result.rows:
+        assert row["n"] == 20 and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+    steer = result.row("steer", 10, 0.5)
+    assert steer["axis_shift_layer"] > 0.5  # alpha 0.5 is about one centroid distance on this model
+    assert (tmp_path / "run" / "steer" / "gain_heatmap.png").exists()
+    rows = _read_csv(tmp_path / "run" / "steer" / "problems.csv")
+    assert len(rows) == 20 * 4 and all(r["generation"] is not None for r in rows)
+
+
+def test_run_steering_from_model_settings(tmp_path, tiny_model_dir):
+    """Given settings rather than a model, the run records how to load the model again, as `trace` would."""
+    from tokentrail.runs import ModelSettings, read_run
+
+    settings = ModelSettings(spec=str(tiny_model_dir))
+    result = run_steering(tmp_path / "run", settings, layers=[2], alphas=[1.0], n_problems=2, max_new_tokens=2,
+                          word_format="{question}", show_progress=False)
+    run = read_run(tmp_path / "run")
+    assert run["model"]["spec"] == str(tiny_model_dir) and "in_memory" not in run["model"]
+    assert result.settings["model"]["weights_sha256"] == run["model"]["fingerprint"]["weights_sha256"]
