@@ -221,7 +221,7 @@ def test_other_options_are_refused(work, tiny_model_dir, capsys):
 
 
 def test_disk_full_while_writing(work, tiny_model_dir, capsys, monkeypatch):
-    import tokentrail.atomic as atomic
+    from tokentrail import atomic
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

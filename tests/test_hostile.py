@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from viz_fixtures import fake_meta, fake_result, load_in_chromium, needs_chromium
 
 from tokentrail import cli
 from tokentrail.viz.report import build_report
+from viz_fixtures import fake_meta, fake_result, load_in_chromium, needs_chromium
 
 HOSTILE_PROMPTS = [
     "<script>alert(1)</script>",
