@@ -115,21 +115,28 @@ def child(*args: str, timeout: float = 1800) -> dict[str, Any]:
     return result
 
 
-def rounds(methods: dict[str, Any], repeats: int, label: str) -> dict[str, list[float]]:
-    """Time every method once per round, one warm-up round first; the order rotates from round to round."""
+def rounds(methods: dict[str, Any], repeats: int, label: str) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Time every method once per round, one warm-up round first; the order rotates from round to round.
+
+    Returns the timings of the counted rounds and what each method returned in the warm-up round.
+    """
     names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, Any] = {}
     for round_index in range(repeats + 1):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             gc.collect()
             started = time.perf_counter()
-            methods[name]()
+            returned = methods[name]()
             elapsed = time.perf_counter() - started
-            if round_index > 0:
+            if round_index == 0:
+                outputs[name] = returned
+            else:
                 times[name].append(elapsed)
+            del returned
         log(f"{label} round {round_index}/{repeats} done" + (" (warm-up)" if round_index == 0 else ""))
-    return times
+    return times, outputs
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
@@ -181,17 +188,18 @@ def throughput(args) -> dict[str, Any]:
     else:
         skipped["transformer_lens"] = why
 
-    # What each method collects, checked once against tokentrail before anything is timed.
-    reference_states, reference_final = runs["tokentrail"]()
+    times, outputs = rounds(runs, args.repeats, "throughput")
+    # What each method collected in the warm-up round, against tokentrail's states.
+    reference_states, reference_final = outputs["tokentrail"]
     agreement: dict[str, dict[str, float]] = {}
     for name in ("nnsight", "transformer_lens", "seed"):
-        if name in runs:
-            states, final = runs[name]()
+        if name in outputs:
+            states, final = outputs[name]
             comparable = slice(0, n_layers) if name == "seed" else slice(None)  # seed's last layer is normed
             agreement[name] = {"states": relative_error(states, reference_states, comparable),
                                "final_states": float(np.abs(final - reference_final).max()
                                                      / np.abs(reference_final).max())}
-    times = rounds(runs, args.repeats, "throughput")
+    del outputs
     result: dict[str, Any] = {
         "prompts": n,
         "tokens": int(sum(lengths)),

@@ -458,8 +458,8 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
-    if debug:
-        os.environ["TOKENTRAIL_DEBUG"] = "1"
+    # `main` reads --debug itself (it must know before the command runs); nothing else to do here.
+    del debug
 
 
 def _quiet_libraries() -> None:

@@ -65,7 +65,9 @@ class PromptSet:
 def derive_id(category: str, text: str) -> str:
     """A stable id from the content, so that reordering a file never renames a prompt."""
     slug = re.sub(r"[^a-z0-9]+", "-", category.lower()).strip("-") or "prompt"
-    return f"{slug}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
+    # The category is hashed too: two categories can share a slug (names that differ only in punctuation).
+    digest = hashlib.sha256(f"{category}\x00{text}".encode()).hexdigest()[:10]
+    return f"{slug}-{digest}"
 
 
 def _validated(records: list[dict[str, Any]], name: str, source: str, description: str = "") -> PromptSet:
