@@ -47,7 +47,7 @@ from tokentrail.analysis.separation import axis_score, best_separation_layer, se
 from tokentrail.analysis.similarity import cka_matrix, cka_permutation_null, standardize_features
 from tokentrail.atomic import atomic_write_bytes, atomic_write_json
 from tokentrail.errors import TokentrailError
-from tokentrail.metrics import format_cell
+from tokentrail.metrics import format_cell, json_ready
 from tokentrail.trace import Trace
 
 __all__ = [
@@ -574,23 +574,6 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def _json_ready(value: Any) -> Any:
-    """Plain JSON values: numpy unwrapped, tuples as lists, nan/inf as null (JSON has neither)."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 def _model_rows(runs: Sequence[ModelRun]) -> list[dict[str, Any]]:
     rows = []
     for model in runs:
@@ -781,5 +764,5 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, options: CompareOptions | 
     result.report = _report(out_dir, runs, result, separation_summary, ordering_means, options)
     summary["files"] = sorted(str(p.relative_to(out_dir)) for p in [*files["tables"], *files["figures"],
                                                                        result.report])
-    atomic_write_json(out_dir / "compare.json", _json_ready(summary))
+    atomic_write_json(out_dir / "compare.json", json_ready(summary))
     return result

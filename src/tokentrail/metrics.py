@@ -79,13 +79,14 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """Plain JSON values: numpy unwrapped, tuples as lists, nan/inf as null (JSON has neither)."""
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
+        return json_ready(value.tolist())
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -219,7 +220,7 @@ def write_metrics(
         elif path.exists():
             path.unlink()
     summary_path = out_dir / "summary.json"
-    summary = json.dumps(_json_ready(result.summary), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    summary = json.dumps(json_ready(result.summary), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
     atomic_write_bytes(summary_path, (summary + "\n").encode("utf-8"))
     written.append(summary_path)
     return written
