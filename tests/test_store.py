@@ -94,7 +94,8 @@ def test_corrupt_shard_is_detected_and_recomputed(tmp_path, tiny_loaded):
     assert any("failed its checksum" in p for p in again.report.problems)
     assert again.report.traced in (1, 2)
     np.testing.assert_array_equal(again.trace.states, clean.trace.states)
-    assert not shards[0].exists()
+    # The recomputed shard may come back under the same content-addressed name; what matters is that it verifies.
+    assert TraceStore.open(tmp_path / "store").verify() == []
     # Reading without tracing never uses a bad shard either.
     corrupt(shards[1])
     with pytest.raises(StoreError, match="failed its checksum"):
