@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tokentrail.viz import OKABE_ITO
-from tokentrail.viz.static import figure_style, mpl_text
+from tokentrail.viz.static import figure_style, mpl_text, save_figure
 
 __all__ = [
     "draw_cka",
@@ -37,18 +37,7 @@ def _colour(i: int) -> str:
 
 
 def _save(fig: Figure | None, out_base: Path) -> list[Path]:
-    if fig is None:
-        return []
-    out_base = Path(out_base)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    png = out_base.parent / f"{out_base.name}.png"
-    svg = out_base.parent / f"{out_base.name}.svg"
-    fig.savefig(png, dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": "tokentrail"})
-    fig.savefig(svg, bbox_inches="tight", metadata={"Date": None, "Creator": "tokentrail"})
-    return [png, svg]
-
-
-# --------------------------------------------------------------------------------------------- separation
+    return [] if fig is None else save_figure(fig, out_base, dpi=PNG_DPI)
 
 
 def draw_separation_depth(curves: Sequence[Mapping[str, Any]]) -> Figure | None:

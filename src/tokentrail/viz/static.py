@@ -85,13 +85,14 @@ def figure_style() -> Iterator[None]:
         yield
 
 
-def _save(fig: Figure, out_base: Path) -> list[Path]:
+def save_figure(fig: Figure, out_base: Path, dpi: int = PNG_DPI) -> list[Path]:
+    """Write `out_base.png` and `out_base.svg` (SVG without a date, so reruns give the same bytes)."""
     out_base = Path(out_base)
     out_base.parent.mkdir(parents=True, exist_ok=True)
     # Appending (not with_suffix) keeps names such as "run.v2/trajectories" intact.
     png = out_base.parent / f"{out_base.name}.png"
     svg = out_base.parent / f"{out_base.name}.svg"
-    fig.savefig(png, dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": "tokentrail"})
+    fig.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": "tokentrail"})
     fig.savefig(svg, bbox_inches="tight", metadata={"Date": None, "Creator": "tokentrail"})
     return [png, svg]
 
@@ -854,4 +855,4 @@ def _write(draw: Callable[[], Figure | None], out_base: Path) -> list[Path]:
     # The style must also be active while saving: svg.fonttype is read by the SVG writer.
     with figure_style():
         fig = draw()
-        return [] if fig is None else _save(fig, out_base)
+        return [] if fig is None else save_figure(fig, out_base)
