@@ -250,3 +250,17 @@ def test_errors():
         TrajectoryPCA().fit_stream(lambda: iter([]))
     # Global centring projects any number of layers, e.g. a single extra state.
     assert TrajectoryPCA().fit(states).transform(states[:, :1]).shape == (len(states), 1, 2)
+
+
+def test_streaming_fit_matches_sklearn_with_a_large_common_offset():
+    # Residual states share a large offset (a few huge dimensions); the covariance must still be exact.
+    rng = np.random.default_rng(23)
+    states = structured_states(n_prompts=60, n_layers=5, hidden=12, seed=23)
+    states = states + 1e4 * rng.standard_normal(12)
+    rows = states.reshape(-1, 12)
+    reference = PCA(4, svd_solver="full").fit(rows)
+    streamed = TrajectoryPCA(4).fit_stream(lambda: (states[i : i + 7] for i in range(0, 60, 7)))
+    np.testing.assert_allclose(np.abs(np.sum(reference.components_ * streamed.components_, axis=1)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(streamed.explained_variance_, reference.explained_variance_, rtol=1e-7)
+    np.testing.assert_allclose(streamed.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-7)
+    np.testing.assert_allclose(streamed.mean_, reference.mean_, rtol=1e-12)

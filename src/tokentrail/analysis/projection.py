@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import sklearn
-from sklearn.decomposition import PCA, IncrementalPCA
+from sklearn.decomposition import PCA
 
 NORMALIZE_MODES = ("none", "rms", "unit")
 CENTER_MODES = ("global", "per-layer")
@@ -143,13 +143,43 @@ def _as_trajectories(states: np.ndarray) -> np.ndarray:
     return values
 
 
+class _ScatterSum:
+    """Running count, mean and centred scatter matrix (sum of outer products) of the rows seen so far.
+
+    Batches are merged with the pairwise update of Chan, Golub and LeVeque: each batch is centred on its own
+    mean before its scatter is taken, so the sum never subtracts two large nearly equal numbers, which the
+    naive sum of x x^T minus n mean mean^T would do for residual states with a large common offset. The result
+    is the exact covariance of all rows (up to float64 rounding) in hidden x hidden memory, whatever the
+    number of rows; one eigendecomposition at the end replaces IncrementalPCA's SVD per batch.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        self.count = 0
+        self.mean = np.zeros(hidden)
+        self.scatter = np.zeros((hidden, hidden))
+
+    def add(self, rows: np.ndarray) -> None:
+        n = len(rows)
+        if n == 0:
+            return
+        rows = np.asarray(rows, dtype=np.float64)
+        batch_mean = rows.mean(axis=0)
+        centred = rows - batch_mean
+        total = self.count + n
+        shift = batch_mean - self.mean
+        self.scatter += centred.T @ centred + np.outer(shift, shift) * (self.count * n / total)
+        self.mean += shift * (n / total)
+        self.count = total
+
+
 class TrajectoryPCA:
     """PCA of trajectories `[prompts, layers, hidden]` with the normalisation and centring options above.
 
     `fit(states, fit_mask)` learns the basis from the prompts where `fit_mask` is true (all by default);
     `transform` projects any prompts into it, using the layer means learned at fit time when centring per
-    layer. `incremental=True` fits with IncrementalPCA in batches of `batch_size` rows (states), and
-    `fit_stream` does the same over batches that never need to be in memory together.
+    layer. `incremental=True` accumulates the covariance over chunks of `batch_size` rows (states) instead
+    of handing every row to one solver, and `fit_stream` does the same over batches that never need to be in
+    memory together; both keep only a hidden x hidden matrix and give the same basis as the full fit.
 
     Attributes after fitting: `components_ [k, hidden]` (signs fixed as the module describes),
     `explained_variance_ratio_ [k]`, `explained_variance_ [k]`, `mean_ [hidden]` (the mean removed before
@@ -196,15 +226,24 @@ class TrajectoryPCA:
                 f"dimensions allow"
             )
 
-    def _chunk_rows(self) -> int:
-        # IncrementalPCA refuses a batch with fewer rows than components.
-        return max(self.batch_size or 5 * self.n_components, self.n_components)
-
-    def _store_fit(self, model: PCA | IncrementalPCA) -> None:
+    def _store_fit(self, model: PCA) -> None:
         self.components_ = _fix_signs(np.asarray(model.components_, dtype=np.float64))
         self.explained_variance_ratio_ = np.asarray(model.explained_variance_ratio_, dtype=np.float64)
         self.explained_variance_ = np.asarray(model.explained_variance_, dtype=np.float64)
         self.mean_ = np.asarray(model.mean_, dtype=np.float64)
+
+    def _store_scatter(self, scatter: _ScatterSum) -> None:
+        self._check_sample_count(scatter.count, len(scatter.mean))
+        # eigh returns ascending eigenvalues; the covariance is symmetric positive semi-definite, so tiny
+        # negative eigenvalues are rounding and count as zero variance.
+        eigenvalues, eigenvectors = np.linalg.eigh(scatter.scatter / (scatter.count - 1))
+        eigenvalues = np.clip(eigenvalues[::-1], 0.0, None)
+        total = eigenvalues.sum()
+        self.components_ = _fix_signs(eigenvectors[:, ::-1][:, : self.n_components].T.copy())
+        self.explained_variance_ = eigenvalues[: self.n_components].copy()
+        self.explained_variance_ratio_ = (self.explained_variance_ / total if total > 0
+                                          else np.zeros(self.n_components))
+        self.mean_ = scatter.mean.copy()
 
     def fit(self, states: np.ndarray, fit_mask: np.ndarray | None = None) -> TrajectoryPCA:
         values = _as_trajectories(states)
@@ -224,13 +263,17 @@ class TrajectoryPCA:
             self.layer_means_ = None
         rows = fit_states.reshape(-1, hidden)
         if self.incremental:
-            model: PCA | IncrementalPCA = IncrementalPCA(self.n_components, batch_size=self._chunk_rows())
+            scatter = _ScatterSum(hidden)
+            chunk = self.batch_size or len(rows)
+            for start in range(0, len(rows), chunk):
+                scatter.add(rows[start : start + chunk])
+            self._store_scatter(scatter)
         else:
             # Only exact solvers without randomness, so that reruns agree to the last bit.
             tall = rows.shape[0] >= rows.shape[1]
             model = PCA(self.n_components, svd_solver="covariance_eigh" if tall and _HAS_COVARIANCE_EIGH else "full")
-        model.fit(rows)
-        self._store_fit(model)
+            model.fit(rows)
+            self._store_fit(model)
         self.n_layers_ = n_layers
         return self
 
@@ -257,32 +300,18 @@ class TrajectoryPCA:
         else:
             self.layer_means_ = None
 
-        model = IncrementalPCA(self.n_components)
-        chunk_rows = self._chunk_rows()
-        pending: np.ndarray | None = None  # held back so that the last update is never smaller than a chunk
-        buffer: list[np.ndarray] = []
-        buffered = 0
-        seen = 0
+        scatter: _ScatterSum | None = None
         for batch in make_batches():
             values = normalize_states(_as_trajectories(batch), self.normalize)
             n_layers, hidden = self._check_batch_shape(values, n_layers, hidden)
             if self.layer_means_ is not None:
                 values = values - self.layer_means_
-            rows = values.reshape(-1, values.shape[-1])
-            buffer.append(rows)
-            buffered += len(rows)
-            seen += len(rows)
-            if buffered >= chunk_rows:
-                if pending is not None:
-                    model.partial_fit(pending)
-                pending = np.concatenate(buffer)
-                buffer, buffered = [], 0
-        last = np.concatenate(([pending] if pending is not None else []) + buffer) if seen else None
-        if last is None or hidden is None or n_layers is None:
+            if scatter is None:
+                scatter = _ScatterSum(hidden)
+            scatter.add(values.reshape(-1, hidden))
+        if scatter is None or scatter.count == 0 or n_layers is None:
             raise ValueError("PCA needs at least 2 states to fit, got 0 (make_batches yielded nothing)")
-        self._check_sample_count(seen, hidden)
-        model.partial_fit(last)
-        self._store_fit(model)
+        self._store_scatter(scatter)
         self.n_layers_ = n_layers
         return self
 
