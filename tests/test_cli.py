@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "steer", "export", "info", "models", "presets"]
+COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "steer", "export", "project", "info", "models", "presets"]
 
 
 def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
@@ -121,3 +121,22 @@ def test_steer_command_on_a_local_model(tmp_path, tiny_model_dir):
     assert (steer_dir / "gain_heatmap.png").stat().st_size > 0
     assert "generated word problems" in result.stdout
     assert "Steering experiment" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_batch_size_auto_traces_the_same_states(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.csv"
+    # Two pairs of equal length (auto batching may join them) and lengths that differ between the pairs.
+    prompts.write_text("category,prompt\nmath,one plus one is\nmath,two plus two is\n"
+                       "story,once upon a time there was a\nstory,once upon a time there was a king\n")
+    for size, out in (("1", "single"), ("auto", "auto")):
+        tokentrail("trace", str(prompts), "--model", str(tiny_model_dir), "--out", out, "--batch-size", size, "-q",
+                   cwd=tmp_path, check=True)
+        tokentrail("export", out, "--to", f"{out}.npz", cwd=tmp_path, check=True)
+    auto = json.loads((tmp_path / "auto" / "run.json").read_text())["last_trace"]
+    assert auto["traced"] == 4 and auto["forward_passes"] < 4  # auto batching put prompts together
+    with np.load(tmp_path / "single.npz") as single, np.load(tmp_path / "auto.npz") as batched:
+        np.testing.assert_allclose(batched["states"], single["states"], rtol=1e-4, atol=1e-5)
+    bad = tokentrail("trace", str(prompts), "--model", str(tiny_model_dir), "--out", "bad", "--batch-size", "many",
+                     cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch-size must be a whole number or auto, got 'many'"
+    assert not (tmp_path / "bad").exists()

@@ -49,7 +49,7 @@ PositionOpt = Annotated[str, typer.Option(help="Token position to trace: last, a
 TopKOpt = Annotated[int, typer.Option("--top-k", help="How many next-token candidates to keep.")]
 LensOpt = Annotated[bool, typer.Option("--logit-lens/--no-logit-lens", help="Read out every layer through the final norm and unembedding.")]
 TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep the last tokens of a prompt longer than the context.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+BatchOpt = Annotated[str, typer.Option("--batch-size", help="Prompts per forward pass, or auto: as many as padding and the memory budget allow.")]
 ShardOpt = Annotated[int, typer.Option("--shard-size", help="Prompts per store shard (the unit of resumption).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="local, or ray (pip install 'tokentrail[ray]').")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Ray actors, one model copy each.")]
@@ -81,6 +81,18 @@ def _model_settings(model: str, revision, dtype, device, trust_remote_code, devi
                          trust_remote_code=trust_remote_code, device_map=device_map)
 
 
+def _batch_size(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise TokentrailError(f"--batch-size must be a whole number or auto, got {value!r}") from None
+    if count < 1:
+        raise TokentrailError(f"--batch-size must be at least 1, got {count}")
+    return count
+
+
 def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
            top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
            ray_address=None):
@@ -93,10 +105,11 @@ def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_co
     options = TraceOptions(position=position, chat=chat, top_k=top_k, logit_lens=logit_lens, truncate=truncate)
     if shard_size < 1:
         raise TokentrailError(f"--shard-size must be at least 1, got {shard_size}")
+    batch_count = _batch_size(batch_size)
     settings = _model_settings(model, revision, dtype, device, trust_remote_code, device_map)
     if workers < 1:
         raise TokentrailError(f"--workers must be at least 1, got {workers}")
-    outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_size, shard_size),
+    outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_count, shard_size),
                         show_progress=not quiet, engine=EngineSettings(engine, workers, ray_address))
     for problem in outcome.report.problems:
         err.print(f"[yellow]warning:[/] {problem}")
@@ -123,7 +136,7 @@ def trace(
     top_k: TopKOpt = 5,
     logit_lens: LensOpt = True,
     truncate: TruncateOpt = False,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "16",
     shard_size: ShardOpt = 64,
     engine: EngineOpt = "local",
     workers: WorkersOpt = 2,
@@ -152,7 +165,7 @@ def run(
     top_k: TopKOpt = 5,
     logit_lens: LensOpt = True,
     truncate: TruncateOpt = False,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "16",
     shard_size: ShardOpt = 64,
     engine: EngineOpt = "local",
     workers: WorkersOpt = 2,
@@ -401,6 +414,30 @@ def export(
     trace_result, extra = projection_arrays(run_dir)
     path = write_export(to, export_arrays(trace_result, extra))
     out.print(f"wrote {path}")
+
+
+@app.command(epilog="Example: `tokentrail project runs/big --normalize rms --center per-layer`")
+def project(
+    run_dir: RunDirArg,
+    to: Annotated[Path | None, typer.Option("--to", help="Target .npz (default RUN_DIR/projection.npz).")] = None,
+    layers: LayersOpt = None,
+    include_final: FinalOpt = None,
+    components: ComponentsOpt = None,
+    normalize: NormalizeOpt = None,
+    center: CenterOpt = None,
+    fit_on: FitOnOpt = None,
+    batch_prompts: Annotated[int, typer.Option("--batch-prompts", help="Prompts read from the store at a time.")] = 4096,
+) -> None:
+    """PCA of every trajectory, fitted shard by shard: for stores too big for `analyze` to load."""
+    from tokentrail.runs import analysis_options, project_run, read_run
+
+    options = analysis_options(read_run(run_dir), layers=layers, include_final=include_final,
+                               n_components=components, normalize=normalize, center=center, fit_on=_split(fit_on))
+    path, arrays = project_run(run_dir, options, to=to, batch_prompts=batch_prompts)
+    evr = ", ".join(f"{v:.3f}" for v in arrays["explained_variance_ratio"])
+    shape = " x ".join(str(n) for n in arrays["projection"].shape)
+    out.print(f"explained variance ratio: {evr}")
+    out.print(f"wrote {path} (projection {shape}, fitted on {int(arrays['fit_mask'].sum())} prompts)")
 
 
 @app.command(epilog="Example: `tokentrail info tokentrail-out`")

@@ -16,6 +16,7 @@ import json
 import platform
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    batch_size: int = 16
+    batch_size: int | None = 16  # None: sized automatically by padding and the memory budget
     shard_size: int = 64
     padding_side: str = "left"
 
@@ -241,6 +242,76 @@ def write_export(path: Path, arrays: dict[str, np.ndarray]) -> Path:
         raise TokentrailError(f"export target {path} must end in .npz")
     atomic_write_bytes(path, _npz_bytes(arrays))
     return path
+
+
+def project_run(run_dir: Path, options=None, to: Path | None = None,
+                batch_prompts: int = 4096) -> tuple[Path, dict[str, np.ndarray]]:
+    """The trajectory PCA of a run fitted and applied shard by shard, for stores too big to load.
+
+    Uses the same layers, normalisation, centring and fit categories as `analyze` (the run's saved analysis
+    options unless `options` is given) and gives the same projection, but never holds more than about
+    `batch_prompts` prompts' states plus a hidden x hidden matrix: the store is read once for the layer
+    means when centring per layer, once to fit and once to project. Writes an .npz (default
+    RUN_DIR/projection.npz) and returns its path and arrays.
+    """
+    from tokentrail.analysis.projection import TrajectoryPCA, parse_layer_spec
+
+    if int(batch_prompts) != batch_prompts or batch_prompts < 1:
+        raise TokentrailError(f"--batch-prompts must be a positive integer, got {batch_prompts}")
+    to = Path(to) if to is not None else Path(run_dir) / "projection.npz"
+    if to.suffix != ".npz":
+        raise TokentrailError(f"projection target {to} must end in .npz")
+    run = read_run(run_dir)
+    prompt_set = prompt_set_of(run)
+    options = options or analysis_options(run)
+    store = TraceStore.open(Path(run_dir) / "store")
+    missing = sum(1 for text in prompt_set.texts if text not in store)
+    if missing:
+        raise StoreError(f"{run_dir}: {missing} prompt(s) are not traced yet; rerun `tokentrail trace`")
+    n_layers = store.header.get("n_layers")
+    if n_layers is None:
+        raise StoreError(f"{run_dir}: the store holds no traced prompt yet; rerun `tokentrail trace`")
+    categories = np.asarray(prompt_set.categories, dtype=str)
+    try:
+        options.validate(list(categories))
+        layers = parse_layer_spec(options.layers, n_layers + 1)
+        pca = TrajectoryPCA(options.n_components, options.normalize, options.center)
+    except ValueError as exc:
+        raise TokentrailError(f"cannot project {run_dir}: {exc}") from None
+    if len(layers) + int(options.include_final) < 2:
+        raise TokentrailError(f"cannot project {run_dir}: the projection needs at least 2 layers")
+    fit_mask = np.ones(len(categories), dtype=bool) if options.fit_on is None else np.isin(categories, options.fit_on)
+
+    def stacks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for positions, states, final_states in store.iter_states(prompt_set.texts, batch_prompts):
+            stack = states[:, layers]
+            if options.include_final:
+                stack = np.concatenate([stack, final_states[:, None, :]], axis=1)
+            yield positions, stack
+
+    try:
+        pca.fit_stream(lambda: (stack[fit_mask[positions]] for positions, stack in stacks()))
+    except ValueError as exc:
+        raise TokentrailError(f"cannot project {run_dir}: {exc}") from None
+    n_projected = len(layers) + int(options.include_final)
+    projection = np.zeros((len(categories), n_projected, options.n_components), dtype=np.float32)
+    for positions, stack in stacks():
+        projection[positions] = pca.transform(stack)
+    arrays = {
+        "projection": projection,
+        "projection_layers": np.append(layers, n_layers + 1) if options.include_final else layers.astype(np.int64),
+        "explained_variance_ratio": pca.explained_variance_ratio_,
+        "explained_variance": pca.explained_variance_,
+        "components": pca.components_.astype(np.float32),
+        "mean": pca.mean_,
+        "prompt_ids": np.asarray(prompt_set.ids, dtype=str),
+        "categories": categories,
+        "fit_mask": fit_mask,
+    }
+    if pca.layer_means_ is not None:
+        arrays["layer_means"] = pca.layer_means_.astype(np.float32)
+    atomic_write_bytes(to, _npz_bytes(arrays))
+    return to, arrays
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:

@@ -248,22 +248,40 @@ class TraceStore:
             names.update(entry.get("arrays", []))
         return names
 
-    def iter_states(self, batch_prompts: int = 4096) -> Iterator[np.ndarray]:
-        """Last-token states of every stored prompt, shard by shard, for fits that must not hold the whole store."""
-        buffer: list[np.ndarray] = []
+    def iter_states(
+        self, texts: Sequence[str], batch_prompts: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`(positions, states, final_states)` of `texts`, shard by shard, for fits that must not hold them all.
+
+        `positions` index into `texts` (a text listed twice gets both positions); batches hold about
+        `batch_prompts` prompts, each shard is read and checked once per pass, and only the last-token states
+        are kept from it.
+        """
+        positions_of: dict[str, list[int]] = {}
+        for position, text in enumerate(texts):
+            positions_of.setdefault(prompt_key(text), []).append(position)
+        absent = [key for key in positions_of if key not in self.index]
+        if absent:
+            raise StoreError(f"{self.root}: {len(absent)} prompt(s) not traced yet; run trace")
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for key, positions in positions_of.items():
+            name, row = self.index[key]
+            wanted.setdefault(name, []).extend((position, row) for position in positions)
+        buffered: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         count = 0
-        for name in sorted(self.shards):
+        for name in sorted(wanted):
             data = self._shard_bytes(name)
             if data is None:
                 raise StoreError(f"{self.root}: {self.problems[-1]}; rerun trace to recompute it")
-            states = load_safetensors(data)["states"]
-            buffer.append(states)
-            count += len(states)
+            arrays = load_safetensors(data)
+            pairs = np.asarray(wanted[name], dtype=np.int64)
+            buffered.append((pairs[:, 0], arrays["states"][pairs[:, 1]], arrays["final_states"][pairs[:, 1]]))
+            count += len(pairs)
             if count >= batch_prompts:
-                yield np.concatenate(buffer)
-                buffer, count = [], 0
-        if buffer:
-            yield np.concatenate(buffer)
+                yield tuple(np.concatenate(parts) for parts in zip(*buffered))  # type: ignore[misc]
+                buffered, count = [], 0
+        if buffered:
+            yield tuple(np.concatenate(parts) for parts in zip(*buffered))  # type: ignore[misc]
 
     # --- writing -------------------------------------------------------------------------------------------
     def add(self, batch: Trace) -> str:
