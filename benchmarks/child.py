@@ -7,6 +7,8 @@ to what it was), and a cold start has to start cold. `run.py` calls this file; i
     python benchmarks/child.py load --kind cold|cached --repeats 5
     python benchmarks/child.py trace-cli --out DIR
     python benchmarks/child.py projection --prompts 100000 --layers 31 --hidden 576 --batch 1024
+    python benchmarks/child.py make-store --out DIR --prompts 100000 --layers 31 --hidden 576 --batch 1024
+    python benchmarks/child.py project-cli --run DIR
 """
 
 from __future__ import annotations
@@ -166,6 +168,63 @@ def projection(n_prompts: int, n_layers: int, hidden: int, batch: int, component
           "explained_variance_ratio": np.asarray(pca.explained_variance_ratio_).tolist()})
 
 
+def make_store(out_dir: str, n_prompts: int, n_layers: int, hidden: int, batch: int, shard: int) -> None:
+    """A run directory whose store holds `n_prompts` synthetic trajectories, written through `TraceStore.add`.
+
+    The states come from the same generator as the `projection` section; everything else a shard holds (one
+    token per prompt, a top-1 readout) is minimal, since `tokentrail project` reads only the states.
+    """
+    import numpy as np
+    from workloads import synthetic_trajectories
+
+    from tokentrail.atomic import atomic_write_json
+    from tokentrail.prompts import Prompt, PromptSet
+    from tokentrail.store import TraceStore
+    from tokentrail.trace import Trace, TraceOptions
+
+    started = time.perf_counter()
+    categories = ("math", "code", "poetry", "logic")
+    prompt_set = PromptSet(name="synthetic", source="benchmarks/child.py make-store", prompts=[
+        Prompt(id=f"p{i}", text=f"synthetic prompt {i}", category=categories[i % 4], label="")
+        for i in range(n_prompts)])
+    options = TraceOptions(logit_lens=False)
+    fingerprint = {"name": "synthetic", "kind": "synthetic", "weights_sha256": "0" * 64, "dtype": "float32"}
+    store = TraceStore.open(Path(out_dir) / "store", model=fingerprint, options=options.to_dict())
+    texts = prompt_set.texts
+    done = 0
+    for states in synthetic_trajectories(n_prompts, n_layers, hidden, batch):
+        for start in range(0, len(states), shard):
+            part = states[start : start + shard]
+            chunk = texts[done : done + len(part)]
+            p = len(part)
+            store.add(Trace(
+                prompt_ids=[f"p{done + i}" for i in range(p)], prompts=chunk, categories=["x"] * p,
+                labels=[""] * p, states=part, final_states=part[:, -1], token_ids=[np.array([1])] * p,
+                tokens=[["x"]] * p, next_token_ids=np.ones((p, 1), dtype=np.int64),
+                next_token_probs=np.ones((p, 1), dtype=np.float32), next_tokens=[["y"]] * p))
+            done += p
+    atomic_write_json(Path(out_dir) / "run.json", {
+        "tool": "tokentrail", "model": {"spec": "synthetic", "fingerprint": fingerprint},
+        "trace_options": options.to_dict(),
+        "prompts": {"name": prompt_set.name, "source": prompt_set.source, "items": prompt_set.to_records()}})
+    size = sum(f.stat().st_size for f in (Path(out_dir) / "store").rglob("*") if f.is_file())
+    emit({"prompts": n_prompts, "shards": len(store.shards), "store_bytes": size,
+          "seconds": time.perf_counter() - started})
+
+
+def project_cli(run_dir: str) -> None:
+    """`tokentrail project RUN_DIR` as a user runs it, with the peak resident set of the whole command."""
+    from tokentrail.cli import main
+
+    gc.collect()
+    baseline = rss_bytes()
+    resettable = reset_peak()
+    started = time.perf_counter()
+    code = main(["project", run_dir])
+    emit({"exit_code": code, "seconds": time.perf_counter() - started, "baseline_rss_bytes": baseline,
+          "peak_rss_bytes": peak_bytes(), "peak_reset": resettable})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -184,6 +243,15 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--components", type=int, default=2)
+    p = sub.add_parser("make-store")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompts", type=int, default=100_000)
+    p.add_argument("--layers", type=int, default=31)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--shard", type=int, default=1024)
+    p = sub.add_parser("project-cli")
+    p.add_argument("--run", required=True)
     args = parser.parse_args()
     if args.what == "memory":
         memory(args.config, args.prompts, args.tokens)
@@ -191,6 +259,10 @@ def main() -> None:
         load(args.kind, args.repeats)
     elif args.what == "trace-cli":
         trace_cli(args.out)
+    elif args.what == "make-store":
+        make_store(args.out, args.prompts, args.layers, args.hidden, args.batch, args.shard)
+    elif args.what == "project-cli":
+        project_cli(args.run)
     else:
         projection(args.prompts, args.layers, args.hidden, args.batch, args.components)
 

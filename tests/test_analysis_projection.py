@@ -264,3 +264,12 @@ def test_streaming_fit_matches_sklearn_with_a_large_common_offset():
     np.testing.assert_allclose(streamed.explained_variance_, reference.explained_variance_, rtol=1e-7)
     np.testing.assert_allclose(streamed.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-7)
     np.testing.assert_allclose(streamed.mean_, reference.mean_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", ["none", "rms"])
+def test_streaming_fit_leaves_the_callers_batches_alone(normalize):
+    states = structured_states(n_prompts=10, seed=29).astype(np.float64)
+    kept = states.copy()
+    TrajectoryPCA(2, normalize, "per-layer").fit_stream(lambda: (states[i : i + 3] for i in range(0, 10, 3)))
+    TrajectoryPCA(2, normalize, "global", incremental=True, batch_size=5).fit(states)
+    np.testing.assert_array_equal(states, kept)

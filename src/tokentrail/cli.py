@@ -426,7 +426,7 @@ def project(
     normalize: NormalizeOpt = None,
     center: CenterOpt = None,
     fit_on: FitOnOpt = None,
-    batch_prompts: Annotated[int, typer.Option("--batch-prompts", help="Prompts read from the store at a time.")] = 4096,
+    batch_prompts: Annotated[int, typer.Option("--batch-prompts", help="Prompts read from the store at a time.")] = 1024,
 ) -> None:
     """PCA of every trajectory, fitted shard by shard: for stores too big for `analyze` to load."""
     from tokentrail.runs import analysis_options, project_run, read_run

@@ -245,7 +245,7 @@ def write_export(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def project_run(run_dir: Path, options=None, to: Path | None = None,
-                batch_prompts: int = 4096) -> tuple[Path, dict[str, np.ndarray]]:
+                batch_prompts: int = 1024) -> tuple[Path, dict[str, np.ndarray]]:
     """The trajectory PCA of a run fitted and applied shard by shard, for stores too big to load.
 
     Uses the same layers, normalisation, centring and fit categories as `analyze` (the run's saved analysis
@@ -282,15 +282,22 @@ def project_run(run_dir: Path, options=None, to: Path | None = None,
         raise TokentrailError(f"cannot project {run_dir}: the projection needs at least 2 layers")
     fit_mask = np.ones(len(categories), dtype=bool) if options.fit_on is None else np.isin(categories, options.fit_on)
 
+    every_layer = np.array_equal(layers, np.arange(n_layers + 1))
+
     def stacks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for positions, states, final_states in store.iter_states(prompt_set.texts, batch_prompts):
-            stack = states[:, layers]
+            stack = states if every_layer else states[:, layers]  # no copy in the usual case
             if options.include_final:
                 stack = np.concatenate([stack, final_states[:, None, :]], axis=1)
             yield positions, stack
 
+    def fit_batches() -> Iterator[np.ndarray]:
+        for positions, stack in stacks():
+            selected = fit_mask[positions]
+            yield stack if selected.all() else stack[selected]
+
     try:
-        pca.fit_stream(lambda: (stack[fit_mask[positions]] for positions, stack in stacks()))
+        pca.fit_stream(fit_batches)
     except ValueError as exc:
         raise TokentrailError(f"cannot project {run_dir}: {exc}") from None
     n_projected = len(layers) + int(options.include_final)

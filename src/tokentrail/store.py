@@ -274,14 +274,22 @@ class TraceStore:
             if data is None:
                 raise StoreError(f"{self.root}: {self.problems[-1]}; rerun trace to recompute it")
             arrays = load_safetensors(data)
+            del data  # the generator's frame outlives each yield: hold no more than the states taken
             pairs = np.asarray(wanted[name], dtype=np.int64)
-            buffered.append((pairs[:, 0], arrays["states"][pairs[:, 1]], arrays["final_states"][pairs[:, 1]]))
+            rows = pairs[:, 1]
+            if np.array_equal(rows, np.arange(len(arrays["states"]))):
+                taken = (pairs[:, 0], arrays["states"], arrays["final_states"])
+            else:
+                taken = (pairs[:, 0], arrays["states"][rows], arrays["final_states"][rows])
+            del arrays
+            buffered.append(taken)
+            del taken
             count += len(pairs)
             if count >= batch_prompts:
-                yield tuple(np.concatenate(parts) for parts in zip(*buffered))  # type: ignore[misc]
+                yield _join(buffered)
                 buffered, count = [], 0
         if buffered:
-            yield tuple(np.concatenate(parts) for parts in zip(*buffered))  # type: ignore[misc]
+            yield _join(buffered)
 
     # --- writing -------------------------------------------------------------------------------------------
     def add(self, batch: Trace) -> str:
@@ -330,6 +338,14 @@ class TraceStore:
 
     def size_bytes(self) -> int:
         return sum(int(entry["bytes"]) for entry in self.shards.values())
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts.pop()  # one shard: hand its arrays over instead of copying them
+    joined = tuple(np.concatenate(column) for column in zip(*parts))
+    parts.clear()
+    return joined  # type: ignore[return-value]
 
 
 def _shard_metadata(data: bytes) -> dict[str, Any]:

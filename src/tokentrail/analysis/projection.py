@@ -116,9 +116,9 @@ def normalize_states(states: np.ndarray, mode: str) -> np.ndarray:
     """
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, not {mode!r}")
-    values = np.asarray(states, dtype=np.float64)
+    values = np.array(states, dtype=np.float64)  # always a copy, and only one
     if mode == "none":
-        return values.copy()
+        return values
     if mode == "rms":
         scale = np.sqrt(np.mean(values**2, axis=-1, keepdims=True))
     else:
@@ -158,13 +158,18 @@ class _ScatterSum:
         self.mean = np.zeros(hidden)
         self.scatter = np.zeros((hidden, hidden))
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, overwrite: bool = False) -> None:
+        """Merge `rows [n, hidden]` in; `overwrite=True` lets it centre a float64 `rows` in place (less memory)."""
         n = len(rows)
         if n == 0:
             return
         rows = np.asarray(rows, dtype=np.float64)
         batch_mean = rows.mean(axis=0)
-        centred = rows - batch_mean
+        if overwrite:
+            rows -= batch_mean
+            centred = rows
+        else:
+            centred = rows - batch_mean
         total = self.count + n
         shift = batch_mean - self.mean
         self.scatter += centred.T @ centred + np.outer(shift, shift) * (self.count * n / total)
@@ -305,10 +310,10 @@ class TrajectoryPCA:
             values = normalize_states(_as_trajectories(batch), self.normalize)
             n_layers, hidden = self._check_batch_shape(values, n_layers, hidden)
             if self.layer_means_ is not None:
-                values = values - self.layer_means_
+                values -= self.layer_means_
             if scatter is None:
                 scatter = _ScatterSum(hidden)
-            scatter.add(values.reshape(-1, hidden))
+            scatter.add(values.reshape(-1, hidden), overwrite=True)  # values is this loop's own copy
         if scatter is None or scatter.count == 0 or n_layers is None:
             raise ValueError("PCA needs at least 2 states to fit, got 0 (make_batches yielded nothing)")
         self._store_scatter(scatter)
