@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -129,3 +130,19 @@ def test_project_bad_input_is_one_line_and_leaves_the_run_alone(traced_run, args
     assert result.stderr.strip().startswith(message)
     after = {p: p.read_bytes() for p in (root / "run").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_project_refuses_a_corrupted_shard_in_one_line(traced_run, tmp_path):
+    root, *_ = traced_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    shard = min((run / "store" / "shards").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = tokentrail("project", "run", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert f"shard {shard.name} failed its checksum" in result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
