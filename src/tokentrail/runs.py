@@ -186,17 +186,28 @@ def update_run(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return run
 
 
-def load_trace(run_dir: Path) -> tuple[dict[str, Any], Trace]:
-    """The run's settings and its prompts' traces, read from the store; no model needed."""
+def _traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet, TraceStore]:
+    """The run, its prompts and its store, refused unless every prompt is traced.
+
+    `verify` checks every shard's checksum first (one read of the whole store); without it a bad shard is
+    found when it is read.
+    """
     run = read_run(run_dir)
     prompt_set = prompt_set_of(run)
     store = TraceStore.open(Path(run_dir) / "store")
-    problems = store.verify(prompt_set.texts)
-    if problems:
-        raise StoreError(f"{run_dir}: {problems[0]}; rerun `tokentrail trace` on this run to recompute")
-    missing = [t for t in prompt_set.texts if t not in store]
+    if verify:
+        problems = store.verify(prompt_set.texts)
+        if problems:
+            raise StoreError(f"{run_dir}: {problems[0]}; rerun `tokentrail trace` on this run to recompute")
+    missing = sum(1 for text in prompt_set.texts if text not in store)
     if missing:
-        raise StoreError(f"{run_dir}: {len(missing)} prompt(s) are not traced yet; rerun `tokentrail trace`")
+        raise StoreError(f"{run_dir}: {missing} prompt(s) are not traced yet; rerun `tokentrail trace`")
+    return run, prompt_set, store
+
+
+def load_trace(run_dir: Path) -> tuple[dict[str, Any], Trace]:
+    """The run's settings and its prompts' traces, read from the store; no model needed."""
+    run, prompt_set, store = _traced_run(run_dir, verify=True)
     return run, store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
 
 
@@ -254,42 +265,31 @@ def project_run(run_dir: Path, options=None, to: Path | None = None,
     means when centring per layer, once to fit and once to project. Writes an .npz (default
     RUN_DIR/projection.npz) and returns its path and arrays.
     """
-    from tokentrail.analysis.projection import TrajectoryPCA, parse_layer_spec
+    from tokentrail.analysis.pipeline import projection_fit_mask, projection_layers, projection_stack
+    from tokentrail.analysis.projection import TrajectoryPCA
 
     if int(batch_prompts) != batch_prompts or batch_prompts < 1:
         raise TokentrailError(f"--batch-prompts must be a positive integer, got {batch_prompts}")
     to = Path(to) if to is not None else Path(run_dir) / "projection.npz"
     if to.suffix != ".npz":
         raise TokentrailError(f"projection target {to} must end in .npz")
-    run = read_run(run_dir)
-    prompt_set = prompt_set_of(run)
+    run, prompt_set, store = _traced_run(run_dir, verify=False)  # each shard is checked as it is read
     options = options or analysis_options(run)
-    store = TraceStore.open(Path(run_dir) / "store")
-    missing = sum(1 for text in prompt_set.texts if text not in store)
-    if missing:
-        raise StoreError(f"{run_dir}: {missing} prompt(s) are not traced yet; rerun `tokentrail trace`")
     n_layers = store.header.get("n_layers")
     if n_layers is None:
         raise StoreError(f"{run_dir}: the store holds no traced prompt yet; rerun `tokentrail trace`")
     categories = np.asarray(prompt_set.categories, dtype=str)
     try:
         options.validate(list(categories))
-        layers = parse_layer_spec(options.layers, n_layers + 1)
+        layers = projection_layers(options, n_layers + 1)
         pca = TrajectoryPCA(options.n_components, options.normalize, options.center)
     except ValueError as exc:
         raise TokentrailError(f"cannot project {run_dir}: {exc}") from None
-    if len(layers) + int(options.include_final) < 2:
-        raise TokentrailError(f"cannot project {run_dir}: the projection needs at least 2 layers")
-    fit_mask = np.ones(len(categories), dtype=bool) if options.fit_on is None else np.isin(categories, options.fit_on)
-
-    every_layer = np.array_equal(layers, np.arange(n_layers + 1))
+    fit_mask = projection_fit_mask(options, prompt_set.categories)
 
     def stacks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for positions, states, final_states in store.iter_states(prompt_set.texts, batch_prompts):
-            stack = states if every_layer else states[:, layers]  # no copy in the usual case
-            if options.include_final:
-                stack = np.concatenate([stack, final_states[:, None, :]], axis=1)
-            yield positions, stack
+            yield positions, projection_stack(states, final_states, layers)
 
     def fit_batches() -> Iterator[np.ndarray]:
         for positions, stack in stacks():
@@ -300,13 +300,12 @@ def project_run(run_dir: Path, options=None, to: Path | None = None,
         pca.fit_stream(fit_batches)
     except ValueError as exc:
         raise TokentrailError(f"cannot project {run_dir}: {exc}") from None
-    n_projected = len(layers) + int(options.include_final)
-    projection = np.zeros((len(categories), n_projected, options.n_components), dtype=np.float32)
+    projection = np.zeros((len(categories), len(layers), options.n_components), dtype=np.float32)
     for positions, stack in stacks():
         projection[positions] = pca.transform(stack)
     arrays = {
         "projection": projection,
-        "projection_layers": np.append(layers, n_layers + 1) if options.include_final else layers.astype(np.int64),
+        "projection_layers": layers.astype(np.int64),
         "explained_variance_ratio": pca.explained_variance_ratio_,
         "explained_variance": pca.explained_variance_,
         "components": pca.components_.astype(np.float32),

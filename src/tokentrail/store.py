@@ -179,6 +179,20 @@ class TraceStore:
     def __len__(self) -> int:
         return len(self.index)
 
+    def _rows_by_shard(self, texts: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+        """For each shard holding some of `texts`: (position in texts, row in the shard) pairs, in text order."""
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        absent: list[str] = []
+        for position, text in enumerate(texts):
+            located = self.index.get(prompt_key(text))
+            if located is None:
+                absent.append(text)
+            else:
+                by_shard.setdefault(located[0], []).append((position, located[1]))
+        if absent:
+            raise StoreError(f"{self.root}: {len(absent)} prompt(s) not traced yet (e.g. {absent[0][:40]!r}); run trace")
+        return by_shard
+
     def load(
         self,
         texts: Sequence[str],
@@ -188,13 +202,7 @@ class TraceStore:
     ) -> Trace:
         """Assemble a Trace for `texts` from the shards, in the order given."""
         texts = list(texts)
-        absent = [t for t in texts if prompt_key(t) not in self.index]
-        if absent:
-            raise StoreError(f"{self.root}: {len(absent)} prompt(s) not traced yet (e.g. {absent[0][:40]!r}); run trace")
-        by_shard: dict[str, list[tuple[int, int]]] = {}
-        for position, text in enumerate(texts):
-            name, row = self.index[prompt_key(text)]
-            by_shard.setdefault(name, []).append((position, row))
+        by_shard = self._rows_by_shard(texts)
         n = len(texts)
         pieces: dict[str, Any] = {}
         lists: dict[str, list[Any]] = {k: [None] * n for k in ("token_ids", "tokens", "next_tokens", "lens_tokens",
@@ -257,16 +265,7 @@ class TraceStore:
         `batch_prompts` prompts, each shard is read and checked once per pass, and only the last-token states
         are kept from it.
         """
-        positions_of: dict[str, list[int]] = {}
-        for position, text in enumerate(texts):
-            positions_of.setdefault(prompt_key(text), []).append(position)
-        absent = [key for key in positions_of if key not in self.index]
-        if absent:
-            raise StoreError(f"{self.root}: {len(absent)} prompt(s) not traced yet; run trace")
-        wanted: dict[str, list[tuple[int, int]]] = {}
-        for key, positions in positions_of.items():
-            name, row = self.index[key]
-            wanted.setdefault(name, []).extend((position, row) for position in positions)
+        wanted = self._rows_by_shard(texts)
         buffered: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         count = 0
         for name in sorted(wanted):

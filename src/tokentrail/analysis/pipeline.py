@@ -13,7 +13,6 @@ Which states each part uses:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
 from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
 from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer
 from tokentrail.analysis.transport import token_cosine_by_layer, wasserstein_by_layer
+from tokentrail.metrics import json_ready
 
 # Significance level used only for the summary's "first significant layer".
 SIGNIFICANCE = 0.05
@@ -126,21 +126,6 @@ def default_axis(categories: Sequence[str]) -> tuple[str, str] | None:
     if natural is None or formal is None:
         return None
     return natural, formal
-
-
-def _finite_or_none(value: Any) -> Any:
-    """Plain Python values for JSON: numpy scalars unwrapped, nan/inf as None, arrays as lists."""
-    if isinstance(value, dict):
-        return {str(k): _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _finite_or_none(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _check_inputs(
@@ -262,7 +247,35 @@ def _summary(
             "mean_token_cosine_last_layer": _finite_mean(result.token_cosine[:, -1]),
         }
     summary["warnings"] = list(result.warnings)
-    return _finite_or_none(summary)
+    return json_ready(summary)
+
+
+def projection_layers(options: AnalysisOptions, n_layers: int) -> np.ndarray:
+    """The stored layers (0..n_layers-1) the projection draws, per `options.layers`, then `n_layers` standing
+    for the final-normed state when `options.include_final`. Raises ValueError for fewer than 2."""
+    layers = parse_layer_spec(options.layers, n_layers)
+    if options.include_final:
+        layers = np.append(layers, n_layers)
+    if len(layers) < 2:
+        raise ValueError(f"the projection needs at least 2 layers, the layer spec selects {len(layers)}")
+    return layers
+
+
+def projection_stack(states: np.ndarray, final_states: np.ndarray | None, layers: np.ndarray) -> np.ndarray:
+    """`[prompts, len(layers), hidden]`: the states at `layers` (from `projection_layers`), the final-normed
+    state where the index is `states.shape[1]`. All layers in order come back without a copy."""
+    n_layers = states.shape[1]
+    stored = layers[layers < n_layers]
+    stack = states if np.array_equal(stored, np.arange(n_layers)) else states[:, stored]
+    if len(stored) < len(layers):  # callers check that final_states is there when it is asked for
+        stack = np.concatenate([stack, np.asarray(final_states)[:, None, :]], axis=1)
+    return stack
+
+
+def projection_fit_mask(options: AnalysisOptions, categories: Sequence[str]) -> np.ndarray:
+    """Which prompts fit the projection: those of `options.fit_on`, or all."""
+    labels = np.asarray(categories, dtype=object)
+    return np.ones(len(labels), dtype=bool) if options.fit_on is None else np.isin(labels, list(options.fit_on))
 
 
 def analyze_states(
@@ -292,17 +305,9 @@ def analyze_states(
     n_prompts, n_layers, hidden = values.shape
     warnings: list[str] = []
 
-    layers = parse_layer_spec(options.layers, n_layers)
-    stack = values[:, layers]
-    if options.include_final:
-        assert final is not None  # checked above
-        stack = np.concatenate([stack, final[:, None, :]], axis=1)
-        layers = np.append(layers, n_layers)
-    if len(layers) < 2:
-        raise ValueError(f"the projection needs at least 2 layers, the layer spec selects {len(layers)}")
-
-    labels = np.asarray(categories, dtype=object)
-    fit_mask = None if options.fit_on is None else np.isin(labels, list(options.fit_on))
+    layers = projection_layers(options, n_layers)
+    stack = projection_stack(values, final, layers)
+    fit_mask = projection_fit_mask(options, categories)
     pca = TrajectoryPCA(options.n_components, options.normalize, options.center).fit(stack, fit_mask)
     projection = pca.transform(stack)
     depth_pca = TrajectoryPCA(options.n_components, "rms", "per-layer").fit(values, fit_mask)

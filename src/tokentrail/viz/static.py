@@ -245,6 +245,23 @@ def _bifurcation_points(result: Any) -> list[tuple[int, int]]:
     return [(i, int(b)) for i, b in enumerate(layers) if int(b) >= 0]
 
 
+def _end_marker(ax: Axes, i: int, x: float, y: float, style: CategoryStyle, name: str, size: float) -> _Label:
+    """The category's marker at a trajectory's last point; returns the label that `_place_end_labels` sets."""
+    ax.plot(x, y, marker=style.marker, markersize=size, color=style.color, markeredgecolor="white",
+            markeredgewidth=0.6, linestyle="none", gid=f"end-{i}", zorder=4)
+    return _Label(i, x, y, name, style.color)
+
+
+def _bifurcation_marker(ax: Axes, i: int, x: float, y: float, size: float, edge_width: float) -> None:
+    ax.plot(x, y, marker="D", markersize=size, markerfacecolor="none", markeredgecolor="black",
+            markeredgewidth=edge_width, linestyle="none", gid=f"bifurcation-{i}", zorder=5)
+
+
+def _bifurcation_key() -> Line2D:
+    return Line2D([], [], marker="D", markerfacecolor="none", markeredgecolor="black", linestyle="none",
+                  label="bifurcation layer")
+
+
 def draw_trajectories(
     result: Any,
     meta: FigureMeta,
@@ -304,19 +321,7 @@ def draw_trajectories(
                 gid=f"start-{i}",
                 zorder=3,
             )
-            ax.plot(
-                x[-1],
-                y[-1],
-                marker=s.marker,
-                markersize=7.5,
-                color=s.color,
-                markeredgecolor="white",
-                markeredgewidth=0.6,
-                linestyle="none",
-                gid=f"end-{i}",
-                zorder=4,
-            )
-            end_labels.append(_Label(i, float(x[-1]), float(y[-1]), names[i], s.color))
+            end_labels.append(_end_marker(ax, i, float(x[-1]), float(y[-1]), s, names[i], size=7.5))
 
         if layer_ticks and n_prompts:
             # Numbering every line would bury the plot; one reference line per category is enough to read
@@ -342,18 +347,7 @@ def draw_trajectories(
                 j = position.get(b)
                 if j is None or i >= n_prompts:
                     continue
-                ax.plot(
-                    proj[i, j, 0],
-                    proj[i, j, 1],
-                    marker="D",
-                    markersize=8,
-                    markerfacecolor="none",
-                    markeredgecolor="black",
-                    markeredgewidth=1.2,
-                    linestyle="none",
-                    gid=f"bifurcation-{i}",
-                    zorder=5,
-                )
+                _bifurcation_marker(ax, i, proj[i, j, 0], proj[i, j, 1], size=8, edge_width=1.2)
                 bif_count += 1
 
         ax.margins(x=0.06, y=0.05)
@@ -378,17 +372,7 @@ def draw_trajectories(
         if has_final:
             keys.append(Line2D([], [], color="0.3", linestyle=":", label="final RMS norm step"))
         if bif_count:
-            keys.append(
-                Line2D(
-                    [],
-                    [],
-                    marker="D",
-                    markerfacecolor="none",
-                    markeredgecolor="black",
-                    linestyle="none",
-                    label="bifurcation layer",
-                )
-            )
+            keys.append(_bifurcation_key())
         key_legend = ax.legend(
             handles=keys, loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0.0, title="markers"
         )
@@ -424,34 +408,11 @@ def draw_depth(result: Any, meta: FigureMeta, component: int = 0) -> Figure:
                 gid=f"trajectory-{i}",
                 zorder=2,
             )
-            ax.plot(
-                xs[-1],
-                ys[-1],
-                marker=s.marker,
-                markersize=7,
-                color=s.color,
-                markeredgecolor="white",
-                markeredgewidth=0.6,
-                linestyle="none",
-                gid=f"end-{i}",
-                zorder=4,
-            )
-            end_labels.append(_Label(i, float(xs[-1]), float(ys[-1]), names[i], s.color))
+            end_labels.append(_end_marker(ax, i, float(xs[-1]), float(ys[-1]), s, names[i], size=7))
         bif_count = 0
         for i, b in _bifurcation_points(result):
             if 0 <= b < n_layers and i < n_prompts:
-                ax.plot(
-                    b,
-                    depth[i, b, component],
-                    marker="D",
-                    markersize=7,
-                    markerfacecolor="none",
-                    markeredgecolor="black",
-                    markeredgewidth=1.1,
-                    linestyle="none",
-                    gid=f"bifurcation-{i}",
-                    zorder=5,
-                )
+                _bifurcation_marker(ax, i, b, depth[i, b, component], size=7, edge_width=1.1)
                 bif_count += 1
         ax.axhline(0.0, color="0.5", linewidth=0.8, zorder=1)
         ax.set_xlim(-0.3, n_layers - 1 + max(1.0, 0.06 * n_layers))
@@ -464,17 +425,7 @@ def draw_depth(result: Any, meta: FigureMeta, component: int = 0) -> Figure:
         ax.add_artist(_category_legend(ax, meta, styles))
         if bif_count:
             ax.legend(
-                handles=[
-                    Line2D(
-                        [],
-                        [],
-                        marker="D",
-                        markerfacecolor="none",
-                        markeredgecolor="black",
-                        linestyle="none",
-                        label="bifurcation layer",
-                    )
-                ],
+                handles=[_bifurcation_key()],
                 loc="lower left",
                 bbox_to_anchor=(1.01, 0.0),
                 borderaxespad=0.0,
