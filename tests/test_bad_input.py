@@ -7,6 +7,7 @@ the exact message, the exit code and that every byte of the run directory is as 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -168,13 +169,39 @@ def test_unknown_model(work, capsys):
 def test_unknown_architecture(work, tiny_model_dir, capsys, monkeypatch):
     from tokentrail import models
 
-    monkeypatch.setattr(models, "_NORM_NAMES", ())
+    monkeypatch.setattr(models, "_DEPTH_NAMES", ("vocab_size",))  # a depth no block list of the model has
     (work / "new.txt").write_text("A prompt never traced before\n")
     before = snapshot(work)
     fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),
-          "error: unsupported architecture LlamaForCausalLM: looked for a ModuleList of 3 decoder blocks and a "
-          "final norm named one of  beside it, plus get_output_embeddings(); none found")
+          "error: unsupported architecture LlamaForCausalLM: looked for a ModuleList of 320 decoder blocks (the "
+          "config's layer count); none found")
     assert snapshot(work) == before
+
+
+def test_self_check_refuses_a_model_it_cannot_prove(work, tiny_model_dir, capsys, monkeypatch):
+    """A tracer that disagrees with the model's own output_hidden_states stops the run before anything is stored."""
+    from tokentrail import selfcheck
+
+    original = selfcheck._references
+
+    def shifted(loaded, encoded):  # as if the tracer hooked the wrong modules: every reference state moved
+        references, after_blocks = original(loaded, encoded)
+        for reference in references:
+            reference.states = [state + 1.0 for state in reference.states]
+            reference.embedding = reference.embedding + 1.0
+        return references, after_blocks
+
+    monkeypatch.setattr(selfcheck, "_references", shifted)
+    (work / "new.txt").write_text("A prompt never traced before\n")
+    before = snapshot(work)
+    fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),
+          "error: tiny-llama0: self-check failed: the embedding output (layer 0) differs from the model's "
+          "output_hidden_states by ", exact=False)
+    assert snapshot(work) == before
+    # --no-self-check traces anyway (the user's own risk), batching only prompts of equal length.
+    assert cli.main([*trace_into(work, tiny_model_dir, work / "new.txt"), "--no-self-check"]) == 0
+    run = json.loads((work / "run" / "run.json").read_text())
+    assert run["self_check"] is None and run["model"]["self_check"] is False
 
 
 def test_unknown_layer_index(work, capsys):

@@ -38,10 +38,21 @@ def test_unknown_architecture_names_what_was_looked_for():
         def __init__(self):
             super().__init__()
             self.config = type("C", (), {"num_hidden_layers": 2})()
-            self.stack = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+            self.stack = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+            self.head = torch.nn.Linear(2, 5)
+
+        def get_output_embeddings(self):
+            return self.head
 
     with pytest.raises(ArchitectureError, match="unsupported architecture Odd: looked for a ModuleList of 2"):
         find_parts(Odd())
+
+    class Headless(Odd):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ArchitectureError, match="gives no \\[vocab, hidden\\] unembedding matrix"):
+        find_parts(Headless())
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):

@@ -54,7 +54,10 @@ def _vector(loaded, layer: int, seed: int = 1) -> SteeringVector:
 
 
 def _hook_count(loaded) -> int:
-    return sum(len(block._forward_hooks) + len(block._forward_pre_hooks) for block in loaded.parts.blocks)
+    """Hooks left on the blocks by tokentrail; transformers keeps its own output recorders once it has used them."""
+    hooks = [hook for block in loaded.parts.blocks
+             for hook in (*block._forward_hooks.values(), *block._forward_pre_hooks.values())]
+    return sum(not getattr(hook, "__module__", "").startswith("transformers") for hook in hooks)
 
 
 def _trace(states: np.ndarray, categories: list[str]) -> Trace:

@@ -44,6 +44,10 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")]
 DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="Spread a large model over devices, e.g. auto.")]
+SelfCheckOpt = Annotated[bool, typer.Option(
+    "--self-check/--no-self-check",
+    help="Check the tracer against the model's own output_hidden_states and logits before tracing (on by default; "
+         "off also batches only prompts of equal length).")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")]
 PositionOpt = Annotated[str, typer.Option(help="Token position to trace: last, all, or an index (0, -2, ...).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="How many next-token candidates to keep.")]
@@ -71,14 +75,14 @@ FpsOpt = Annotated[float, typer.Option("--fps", help="Frames per second of the l
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `tokentrail run` or `trace`.")]
 
 
-def _model_settings(model: str, revision, dtype, device, trust_remote_code, device_map):
+def _model_settings(model: str, revision, dtype, device, trust_remote_code, device_map, self_check=True):
     from tokentrail.models import resolve_device, resolve_dtype
     from tokentrail.runs import ModelSettings
 
     resolve_dtype(dtype)  # fail on a typo before anything is traced
     resolve_device(device)
     return ModelSettings(spec=model, revision=revision, dtype=dtype, device=device,
-                         trust_remote_code=trust_remote_code, device_map=device_map)
+                         trust_remote_code=trust_remote_code, device_map=device_map, self_check=self_check)
 
 
 def _batch_size(value: str) -> int | None:
@@ -95,7 +99,7 @@ def _batch_size(value: str) -> int | None:
 
 def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
            top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
-           ray_address=None):
+           ray_address=None, self_check=True):
     from tokentrail.prompts import resolve_prompts
     from tokentrail.runs import BatchSettings, EngineSettings, trace_run
     from tokentrail.trace import TraceOptions, parse_position
@@ -106,7 +110,7 @@ def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_co
     if shard_size < 1:
         raise TokentrailError(f"--shard-size must be at least 1, got {shard_size}")
     batch_count = _batch_size(batch_size)
-    settings = _model_settings(model, revision, dtype, device, trust_remote_code, device_map)
+    settings = _model_settings(model, revision, dtype, device, trust_remote_code, device_map, self_check)
     if workers < 1:
         raise TokentrailError(f"--workers must be at least 1, got {workers}")
     outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_count, shard_size),
@@ -131,6 +135,7 @@ def trace(
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     device_map: DeviceMapOpt = None,
+    self_check: SelfCheckOpt = True,
     chat: ChatOpt = False,
     position: PositionOpt = "last",
     top_k: TopKOpt = 5,
@@ -146,7 +151,8 @@ def trace(
 ) -> None:
     """Trace prompts into a run directory's store (only those not traced before)."""
     _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
-           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers, ray_address)
+           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers, ray_address,
+           self_check)
     out.print(f"store: {out_dir / 'store'}")
 
 
@@ -160,6 +166,7 @@ def run(
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     device_map: DeviceMapOpt = None,
+    self_check: SelfCheckOpt = True,
     chat: ChatOpt = False,
     position: PositionOpt = "last",
     top_k: TopKOpt = 5,
@@ -188,7 +195,7 @@ def run(
 
     outcome = _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat,
                      position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers,
-                     ray_address)
+                     ray_address, self_check)
     trace_result = outcome.trace
     table = Table(title="next token per prompt", show_lines=False)
     for column in ("id", "category", "prompt", "top-1", "p"):
@@ -371,6 +378,7 @@ def steer(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    self_check: SelfCheckOpt = True,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers to steer at, e.g. 10,15 (default: ~L/3 and L/2).")] = None,
     alphas: Annotated[str, typer.Option("--alphas", help="Coefficients, in units of the median residual norm at the layer.")] = "0.25,0.5,1",
     problems: Annotated[int, typer.Option("--problems", help="Generated word problems (seeded).")] = 200,
@@ -389,7 +397,7 @@ def steer(
     from tokentrail.runs import report_run
     from tokentrail.steer import run_steering
 
-    settings = _model_settings(model, revision, dtype, device, trust_remote_code, None)
+    settings = _model_settings(model, revision, dtype, device, trust_remote_code, None, self_check)
     result = run_steering(
         out_dir, settings, layers=_numbers(layers, int, "--layers"), alphas=_numbers(alphas, float, "--alphas"),
         n_problems=problems, seed=seed, source=source, target=target, position=position, method=method,

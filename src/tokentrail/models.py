@@ -234,68 +234,281 @@ def embedded_models() -> list[dict[str, Any]]:
 
 @dataclass
 class ModelParts:
-    """The modules of an unmodified HF model that tracing addresses."""
+    """The modules of an unmodified HF model that tracing addresses, and how its logits are read out.
+
+    The readout maps a residual state to logits exactly as the model's own forward does after its last block:
+    `final_norm` (None for post-norm models that have none: the identity), then `head` (the module the model
+    calls on the normed state: `lm_head`, or a prediction head such as BERT's `cls`), then the scalings some
+    architectures apply to the logits. The load-time self-check proves the readout on the model itself.
+    """
 
     blocks: list[nn.Module]
-    final_norm: nn.Module
+    final_norm: Any  # a module, a _Chain of modules (DeepSeek-V4: stream collapse, then norm) or None
     unembed: nn.Module
     blocks_path: str
     final_norm_path: str
+    head: Any = None
+    head_path: str = ""
+    # Other readouts and final norms discovery found plausible (None: no final norm); the self-check keeps the
+    # first pair the model's own states and logits prove.
+    head_candidates: list[tuple[str, Any]] = field(default_factory=list)
+    norm_candidates: list[tuple[str, nn.Module | None]] = field(default_factory=list)
     logit_softcap: float | None = None
+    # logits = head(normed * hidden_scale)[:vocab_limit] * logit_scale + logit_bias, then the soft cap.
+    hidden_scale: float | None = None
+    vocab_limit: int | None = None
+    logit_scale: float | None = None
+    logit_bias: torch.Tensor | None = None
+    # How prompts of different lengths may share a forward pass: "left" or "right" padding, or "none" (only
+    # prompts of equal length share one). Decided by the self-check; "none" is right for every causal model.
+    padding: str = "left"
+
+    def __post_init__(self) -> None:
+        if self.head is None:
+            self.head = self.unembed
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def hidden_size(self) -> int:
+        return int(self.unembed.weight.shape[1])
 
-_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed.weight.shape[0])
+
+    # Trailing shape of one token's residual state as the blocks pass it on: (H,) usually, (S, H) for models
+    # that carry S parallel streams (hyper-connections). States are stored flattened; the readout restores it.
+    stream_shape: tuple[int, ...] | None = None
+    # Blocks (1-based) a plain forward pass never runs, found by the self-check (Mllama's cross-attention layers
+    # without an image): the state after such a block is the state before it, exactly.
+    skipped_blocks: tuple[int, ...] = ()
+
+    @property
+    def final_capture(self) -> nn.Module | None:
+        """The module whose output is the final-normed state: the norm, or the last module of a chain."""
+        return self.final_norm.modules[-1] if isinstance(self.final_norm, _Chain) else self.final_norm
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and any stream collapse before it) of flattened states `[..., D]`, as `[..., H]`."""
+        if self.final_norm is None:
+            return hidden
+        shape = self.stream_shape or (hidden.shape[-1],)
+        rows = hidden.reshape(-1, 1, *shape)  # [N, 1, *stream]: the modules expect [batch, tokens, ...]
+        return self.final_norm(rows).reshape(*hidden.shape[:-1], -1)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final-normed states `[..., H]`, as the model computes them."""
+        if self.hidden_scale is not None:
+            normed = normed * self.hidden_scale
+        logits = self.head(normed).to(torch.float32)
+        if self.vocab_limit is not None:
+            logits = logits[..., : self.vocab_limit]
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias.to(device=logits.device, dtype=torch.float32)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+# Names a final norm goes by, beside the block list. A post-norm model (BERT and its kin as decoders, OpenAI-GPT,
+# BART's decoder) has none; its readout starts at the head, and the self-check proves that too.
+_NORM_NAMES = ("norm", "ln_f", "ln", "final_layer_norm", "final_layernorm", "final_norm", "norm_f", "layer_norm",
+               "layernorm", "ln_out", "output_layernorm", "final_ln", "norm_out", "ln_final")
+_DEPTH_NAMES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+
+
+def config_value(config: Any, name: str, default: Any = None) -> Any:
+    """A config attribute, or `default`; some configs raise on attributes that vary per layer."""
+    try:
+        value = getattr(config, name, default)
+    except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        return default
+    return default if value is None else value
+
+
+def text_config_of(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return config
+    try:
+        return config.get_text_config(decoder=True)
+    except Exception:  # noqa: BLE001 - ambiguous text configs (several candidates): the decoder's own
+        return config
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _readout_scalings(model: nn.Module, text_config: Any) -> dict[str, Any]:
+    """What the model's forward does between its head and the logits it returns, read from its attributes.
+
+    Each entry mirrors an architecture's forward: Gemma's soft cap, Cohere's `logit_scale`, Granite's
+    `logits_scaling`, Falcon-H1's `lm_head_multiplier`, Inkling's muP width divisor and padded vocabulary, and
+    BART-style `final_logits_bias`. An architecture with a scaling not listed here fails the self-check, loudly.
+    """
+    found: dict[str, Any] = {}
+    softcap = (config_value(text_config, "final_logit_softcapping") or config_value(text_config, "logits_soft_cap")
+               or config_value(text_config, "output_logit_soft_cap"))
+    if softcap:
+        found["logit_softcap"] = float(softcap)
+    scale = 1.0
+    own_scale = getattr(model, "logit_scale", None)
+    if isinstance(own_scale, (int, float, torch.Tensor)) and not isinstance(own_scale, bool):
+        scale *= float(own_scale)
+    elif config_value(text_config, "logit_scale") not in (None, 1, 1.0):
+        scale *= float(config_value(text_config, "logit_scale"))
+    if config_value(text_config, "logits_scaling") not in (None, 1, 1.0):
+        scale /= float(config_value(text_config, "logits_scaling"))
+    inner = getattr(model, "model", None)
+    multiplier = getattr(inner, "lm_head_multiplier", None) if inner is not None else None
+    if multiplier is None:
+        multiplier = config_value(text_config, "lm_head_multiplier")
+    if isinstance(multiplier, (int, float)) and multiplier != 1:
+        scale *= float(multiplier)
+    if scale != 1.0:
+        found["logit_scale"] = scale
+    width = config_value(text_config, "logits_mup_width_multiplier")
+    if isinstance(width, (int, float)) and width != 1:
+        found["hidden_scale"] = 1.0 / float(width)
+    unpadded = config_value(text_config, "unpadded_vocab_size")
+    if isinstance(unpadded, int) and unpadded > 0:
+        found["vocab_limit"] = unpadded
+    bias = getattr(model, "final_logits_bias", None)
+    if isinstance(bias, torch.Tensor):
+        found["logit_bias"] = bias
+    return found
+
+
+class _Chain:
+    """Modules applied one after another; a plain callable, so the user's model gains no submodule."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self.modules:
+            hidden = module(hidden)
+        return hidden
+
+
+def _head_candidates(model: nn.Module, unembed: nn.Module, first_block: nn.Module) -> list[tuple[str, Any]]:
+    """Readouts from the normed state to logits, most likely first.
+
+    Usually the model's own child holding the output embeddings (`lm_head`, or BERT's `cls` prediction head); a
+    model that runs a transform head and then a separate decoder (ModernBERT's decoder) needs the chain of its
+    children beside the base model, in order.
+    """
+    unembed_path = _module_path(model, unembed) or ""
+    top_name = unembed_path.split(".")[0]
+    top = getattr(model, top_name, None) if top_name else None
+    found: list[tuple[str, Any]] = []
+    if isinstance(top, nn.Module) and _module_path(top, first_block) is None:
+        found.append((top_name, top))
+    if unembed_path and unembed_path != top_name:
+        found.append((unembed_path, unembed))
+    others = [(name, child) for name, child in model.named_children() if _module_path(child, first_block) is None]
+    if len(others) > 1 and any(child is top for _, child in others):
+        found.append(("+".join(name for name, _ in others), _Chain([child for _, child in others])))
+    if not found:
+        found.append((unembed_path, unembed))
+    return found
 
 
 def find_parts(model: nn.Module) -> ModelParts:
-    """Find decoder blocks, final norm and unembedding without a per-architecture table.
+    """Find decoder blocks, final norm and readout head without a per-architecture table.
 
-    The blocks are the longest ModuleList whose length equals the config's layer count; the final norm is a
-    sibling of that list with a conventional name. This covers Llama/SmolLM, Qwen2/3, Mistral, Gemma 1-3, Phi-3,
-    GPT-2, GPT-NeoX, OPT and most other HF decoders, and fails loudly rather than guess.
+    The blocks are the shallowest ModuleList whose length equals the config's layer count; the final norm is a
+    sibling of that list with a conventional name, or none (post-norm models); the head is the model's own child
+    that holds its output embeddings. This covers almost every decoder in transformers (docs/models.md lists
+    them); what it gets wrong the load-time self-check refuses, so a wrong guess never reaches a number.
     """
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = None
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        n_layers = getattr(text_config, attr, None)
-        if isinstance(n_layers, int):
-            break
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers)
-    ]
-    # Vision towers in multimodal wrappers have their own lists; prefer the shallowest match.
-    candidates.sort(key=lambda item: item[0].count("."))
-    looked_for = (
-        f"a ModuleList of {n_layers} decoder blocks and a final norm named one of {', '.join(_NORM_NAMES)} "
-        "beside it, plus get_output_embeddings()"
+    text_config = text_config_of(model)
+    # The config's depth, under the first name it uses that a block list of the model has: encoder-decoder
+    # families give their decoder-only causal LM `decoder_layers` beside an encoder's `num_hidden_layers`.
+    depths = [value for value in (config_value(text_config, attr) for attr in _DEPTH_NAMES)
+              if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0]
+    n_layers = next((depth for depth in depths if any(len(module) == depth for _, module in lists)),
+                    depths[0] if depths else None)
+    candidates = [(name, module) for name, module in lists if n_layers is None or len(module) == n_layers]
+    # The language model's blocks sit under the same parent as its input embeddings; a vision or audio tower's
+    # lists do not. Among equals, the shallowest list wins.
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed_path = (_module_path(model, embed) or "") if isinstance(embed, nn.Module) else ""
+
+    def shared_depth(path: str) -> int:
+        depth = 0
+        for mine, theirs in zip(path.split("."), embed_path.split(".")):
+            if mine != theirs:
+                break
+            depth += 1
+        return depth
+
+    candidates.sort(key=lambda item: (-shared_depth(item[0]), item[0].count(".")))
+    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(getattr(unembed, "weight", None), torch.Tensor) or unembed.weight.ndim != 2:
+        raise ArchitectureError(
+            f"unsupported architecture {type(model).__name__}: get_output_embeddings() gives no [vocab, hidden] "
+            "unembedding matrix, so there is no logit readout to trace"
+        )
+    if not candidates:
+        raise ArchitectureError(
+            f"unsupported architecture {type(model).__name__}: looked for a ModuleList of {n_layers} decoder blocks "
+            "(the config's layer count); none found"
+        )
+    blocks_path, blocks = candidates[0]
+    parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
+    parent = model.get_submodule(parent_path) if parent_path else model
+    siblings = [name for name, child in parent.named_children()
+                if isinstance(child, nn.ModuleList) and len(child) == len(blocks)]
+    if len(siblings) > 1 and any(part in name for name in siblings for part in ("ffn", "mlp", "feed_forward")):
+        # XLM keeps attentions, feed-forwards and norms in parallel lists: there is no block to hook whole.
+        raise ArchitectureError(
+            f"unsupported architecture {type(model).__name__}: its layers are split across parallel lists "
+            f"({', '.join(siblings)}) with no module per block, and tokentrail reads each block's output whole"
+        )
+    norms: list[tuple[str, nn.Module | None]] = []
+    for norm_name in _NORM_NAMES:
+        norm = getattr(parent, norm_name, None)
+        if isinstance(norm, nn.Module) and all(norm is not known for _, known in norms):
+            norms.append((f"{parent_path}.{norm_name}" if parent_path else norm_name, norm))
+    # Any other norm-like child of the blocks' parent (LFM2 calls its final norm `embedding_norm`) or of its
+    # ancestors (RoBERTa-PreLayerNorm keeps it beside the encoder), then none.
+    ancestors = [parent_path]
+    while ancestors[-1]:
+        ancestors.append(ancestors[-1].rsplit(".", 1)[0] if "." in ancestors[-1] else "")
+    for path in ancestors:
+        owner = model.get_submodule(path) if path else model
+        for name, child in owner.named_children():
+            if ("norm" in name.lower() and all(child is not known for _, known in norms)
+                    and not isinstance(child, nn.ModuleList) and _module_path(child, blocks[0]) is None):
+                norms.append((f"{path}.{name}" if path else name, child))
+    norms.append(("", None))
+    final_norm_path, final_norm = norms[0]
+    candidates_heads = _head_candidates(model, unembed, blocks[0])
+    head_name, head = candidates_heads[0]
+    return ModelParts(
+        blocks=list(blocks),
+        final_norm=final_norm,
+        unembed=unembed,
+        blocks_path=blocks_path,
+        final_norm_path=final_norm_path,
+        head=head,
+        head_path=head_name,
+        head_candidates=candidates_heads,
+        norm_candidates=norms,
+        **_readout_scalings(model, text_config),
     )
-    for blocks_path, blocks in candidates:
-        parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
-        parent = model.get_submodule(parent_path) if parent_path else model
-        for norm_name in _NORM_NAMES:
-            norm = getattr(parent, norm_name, None)
-            if isinstance(norm, nn.Module):
-                unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-                if unembed is None:
-                    break
-                softcap = getattr(text_config, "final_logit_softcapping", None)
-                return ModelParts(
-                    blocks=list(blocks),
-                    final_norm=norm,
-                    unembed=unembed,
-                    blocks_path=blocks_path,
-                    final_norm_path=f"{parent_path}.{norm_name}" if parent_path else norm_name,
-                    logit_softcap=float(softcap) if softcap else None,
-                )
-    arch = type(model).__name__
-    raise ArchitectureError(f"unsupported architecture {arch}: looked for {looked_for}; none found")
 
 
 @dataclass
@@ -307,6 +520,20 @@ class LoadedModel:
     device: torch.device
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # What the load-time self-check proved (tokentrail.selfcheck.SelfCheckReport.to_dict()), or None if skipped.
+    self_check: dict[str, Any] | None = None
+
+    def check(self, enabled: bool = True) -> LoadedModel:
+        """Run the self-check (or, when disabled, fall back to batching only prompts of equal length)."""
+        if enabled:
+            from tokentrail.selfcheck import self_check
+
+            self.self_check = self_check(self).to_dict()
+        else:
+            # Unchecked, padding is the one choice that is exact for every causal model.
+            self.parts.padding = "none"
+            self.self_check = None
+        return self
 
     @property
     def name(self) -> str:
@@ -403,18 +630,107 @@ def _ships_code(folder: Path) -> bool:
     return bool(config.get("auto_map")) or any(folder.glob("*.py"))
 
 
-def fingerprint(source: ModelSource, dtype: str) -> dict[str, Any]:
-    """Identifies the weights without loading them, so a cached rerun never needs the model."""
+def _name_some(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _refuse_incomplete_load(spec: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights do not all load, in one line.
+
+    transformers fills missing weights with random values and drops unexpected ones, and says so only in a log
+    report the quiet CLI hides; traces of such a model would look like the model's and be noise. Tied weights
+    (an lm_head sharing the input embeddings) are not reported missing by transformers, so they load.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    errors = [str(error).strip().splitlines()[0] for error in info.get("error_msgs") or () if str(error).strip()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing weight{'s' if len(missing) > 1 else ''} ({_name_some(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_name_some(unexpected)})")
+    if mismatched:
+        shapes = [f"{key} is {list(ckpt)} in the checkpoint, {list(want)} in the model"
+                  for key, ckpt, want in mismatched]
+        problems.append(f"{len(mismatched)} of another shape ({_name_some(shapes)})")
+    if errors:
+        problems.append(f"{len(errors)} error{'s' if len(errors) > 1 else ''} ({_name_some(errors)})")
+    if problems:
+        raise ModelLoadError(
+            f"model {spec!r} does not load completely: {', '.join(problems)}; tokentrail refuses random or "
+            "dropped weights"
+        )
+
+
+# Files besides the weights that change the traced numbers. The config builds the model; the tokenizer files
+# decide the token ids. The chat template used by --chat lives in tokenizer_config.json or chat_template.jinja/
+# .json (older and newer transformers), so hashing the tokenizer files covers it too.
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+# transformers saves named chat templates beside the default one in this folder.
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# Where a GGUF keeps its config and tokenizer: inside the file, which weights_sha256 already hashes whole.
+_IN_GGUF = "in-gguf"
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """The SHA-256 a Hugging Face cache already knows for a snapshot file, or None.
+
+    A snapshot file is a symlink to `blobs/<hash>`: for LFS files (every weight file) the hash is the SHA-256 of
+    the content, the very value file_sha256 would compute by reading gigabytes. Small files kept in git are named
+    by their git blob SHA-1 instead; those return None and are hashed (cheaply), so a snapshot and a plain copy of
+    it get the same fingerprint.
+    """
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    in_cache = target.parent.name == "blobs" and (target.parent.parent / "snapshots").is_dir()
+    return target.name if in_cache and _SHA256_NAME.fullmatch(target.name) else None
+
+
+def _files_sha256(files: list[tuple[str, Path]]) -> str:
+    """One SHA-256 over (name, content hash) of each file, in the order given."""
     digest = hashlib.sha256()
-    for weight in source.weight_files:
-        digest.update(weight.name.encode())
-        digest.update(file_sha256(weight).encode())
+    for name, path in files:
+        digest.update(name.encode())
+        digest.update((_hub_blob_sha256(path) or file_sha256(path)).encode())
+    return digest.hexdigest()
+
+
+def _present(folder: Path, names: tuple[str, ...]) -> list[tuple[str, Path]]:
+    return [(name, folder / name) for name in names if (folder / name).is_file()]
+
+
+def fingerprint(source: ModelSource, dtype: str) -> dict[str, Any]:
+    """Identifies what decides the traced numbers without loading the model, so a cached rerun never needs it.
+
+    Weights, config, tokenizer files (with the chat template) and dtype each get a field, so a store that refuses
+    a changed model can say which part changed. Files in a hub cache are hashed by their blob names, not re-read.
+    """
+    weights = _files_sha256([(weight.name, weight) for weight in source.weight_files])
+    if source.kind == "gguf":
+        config_sha256 = tokenizer_sha256 = _IN_GGUF
+    else:
+        folder = Path(source.location)
+        templates = folder / _CHAT_TEMPLATE_DIR
+        extra = sorted(templates.glob("*.jinja")) if templates.is_dir() else []
+        config_sha256 = _files_sha256(_present(folder, _CONFIG_FILES))
+        tokenizer_sha256 = _files_sha256(
+            _present(folder, _TOKENIZER_FILES) + [(f"{_CHAT_TEMPLATE_DIR}/{path.name}", path) for path in extra]
+        )
     return {
         "name": source.name,
         "kind": source.kind,
         "location": source.location,
         "revision": source.revision,
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": weights,
+        "config_sha256": config_sha256,
+        "tokenizer_sha256": tokenizer_sha256,
         "dtype": dtype,
     }
 
@@ -459,8 +775,13 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    self_check: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM in eval mode with its tokenizer and discovered parts."""
+    """Load a causal LM in eval mode with its tokenizer and discovered parts, and check the tracer on it.
+
+    `self_check` (on by default) compares the tracer with the model's own output_hidden_states and logits
+    on a few short prompts and refuses the model with one line on any difference (tokentrail.selfcheck).
+    """
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -488,9 +809,12 @@ def load_model(
         kwargs["revision"] = revision
     if device_map:
         kwargs["device_map"] = device_map
+    # Shape mismatches are reported in the loading info with the others instead of raised as a multi-line
+    # RuntimeError; the model is refused below either way.
+    kwargs["ignore_mismatched_sizes"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, loading_info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except ValueError as exc:
         message = str(exc)
         if "trust_remote_code" in message:
@@ -499,14 +823,15 @@ def load_model(
             ) from None
         first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r}: {first_line}") from None
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r}: {first_line}") from None
+    _refuse_incomplete_load(spec, loading_info)
     model.eval()
     if not device_map:
         model.to(torch_device)
     parts = find_parts(model)
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         parts=parts,
@@ -515,10 +840,15 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         notes=notes,
     )
+    return loaded.check(self_check)
 
 
-def from_objects(model: nn.Module, tokenizer: Any, name: str, dtype: str = "float32") -> LoadedModel:
-    """Wrap a model already in memory (a notebook, a test) so it can be traced like a loaded one."""
+def from_objects(model: nn.Module, tokenizer: Any, name: str, dtype: str = "float32",
+                 self_check: bool = True) -> LoadedModel:
+    """Wrap a model already in memory (a notebook, a test) so it can be traced like a loaded one.
+
+    The model is never modified: hooks come and go with each forward pass. It is self-checked like a load.
+    """
     model.eval()
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
@@ -526,5 +856,6 @@ def from_objects(model: nn.Module, tokenizer: Any, name: str, dtype: str = "floa
         digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
     fp = {"name": name, "kind": "object", "location": "", "revision": None,
           "weights_sha256": digest.hexdigest(), "dtype": dtype}
-    return LoadedModel(model=model, tokenizer=tokenizer, parts=find_parts(model), fingerprint=fp,
-                       device=next(model.parameters()).device)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, parts=find_parts(model), fingerprint=fp,
+                         device=next(model.parameters()).device)
+    return loaded.check(self_check)

@@ -44,10 +44,12 @@ class ModelSettings:
     device: str = "cpu"
     trust_remote_code: bool = False
     device_map: str | None = None
+    self_check: bool = True
 
     def load(self) -> LoadedModel:
         return load_model(self.spec, revision=self.revision, dtype=self.dtype, device=self.device,
-                          trust_remote_code=self.trust_remote_code, device_map=self.device_map)
+                          trust_remote_code=self.trust_remote_code, device_map=self.device_map,
+                          self_check=self.self_check)
 
     def fingerprint(self) -> dict[str, Any]:
         """The model's identity from its files alone: a rerun with nothing to trace never loads it."""
@@ -58,7 +60,7 @@ class ModelSettings:
 class BatchSettings:
     batch_size: int | None = 16  # None: sized automatically by padding and the memory budget
     shard_size: int = 64
-    padding_side: str = "left"
+    padding_side: str | None = None  # None: what the model's load-time self-check proved exact
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def trace_run(
     `model` is either settings (loaded only if something must be traced) or a model already in memory.
     """
     run_dir = Path(run_dir)
+    made: list[Tracer] = []  # the tracer, if a model had to be loaded: its self-check goes into run.json
     if isinstance(model, LoadedModel):
         fp = model.fingerprint
         model_settings: dict[str, Any] = {"spec": model.name, "in_memory": True}
@@ -141,7 +144,9 @@ def trace_run(
         model_settings = asdict(model)
 
         def make_tracer() -> Tracer:
-            return Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
+            tracer = Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
+            made.append(tracer)
+            return tracer
 
     if engine.engine not in ("local", "ray"):
         raise TokentrailError(f"unknown engine {engine.engine!r}; use local or ray")
@@ -172,6 +177,8 @@ def trace_run(
         "prompts": {"name": prompt_set.name, "source": prompt_set.source, "items": prompt_set.to_records()},
         "versions": versions(),
         "last_trace": asdict(report),
+        "self_check": (made[0].loaded.self_check if made else model.self_check if isinstance(model, LoadedModel)
+                       else previous.get("self_check")),
         **(extra_settings or {}),
     }
     atomic_write_json(run_dir / RUN_FILE, run)

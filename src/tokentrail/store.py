@@ -97,6 +97,20 @@ class TraceStore:
                 f"{self.root} holds traces of model {mine.get('name')!r} ({mine.get('dtype')}), not "
                 f"{model.get('name')!r} ({model.get('dtype')}); refusing to mix them: use a new --out directory"
             )
+        # Same weights, but the config or tokenizer (chat template included) may still change every number.
+        parts = {"config_sha256": "config", "tokenizer_sha256": "tokenizer"}
+        if any(key in model and key not in mine for key in parts):
+            # A store made before these were fingerprinted cannot show they are unchanged.
+            raise StoreError(
+                f"{self.root} was traced before tokentrail fingerprinted the model's tokenizer and config, so "
+                "it cannot show they are unchanged; refusing to mix them: trace into a new --out directory"
+            )
+        differ = [label for key, label in parts.items() if mine.get(key) != model.get(key)]
+        if differ:
+            raise StoreError(
+                f"{self.root} holds traces of model {mine.get('name')!r} made with another "
+                f"{' and '.join(differ)}; refusing to mix them: use a new --out directory"
+            )
         if self.header["options"] != options:
             changed = sorted(k for k in set(options) | set(self.header["options"])
                              if options.get(k) != self.header["options"].get(k))

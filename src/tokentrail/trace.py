@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from tokentrail.errors import TokentrailError
-from tokentrail.models import LoadedModel
+from tokentrail.models import LoadedModel, config_value, text_config_of
 
-PADDING_SIDES = ("left", "right")
+# "none": only prompts of equal length share a forward pass. Right for every causal model; recurrent models
+# whose left padding runs pad tokens through the recurrence get it, or right padding, from the self-check.
+PADDING_SIDES = ("left", "right", "none")
 # Automatic batching (batch_size=None): padded tokens may exceed the real ones by this fraction, and a CPU
 # batch holds at most this many padded tokens (measured: larger batches gain nothing per token on a CPU).
 AUTO_MAX_PADDING = 0.1
@@ -188,17 +190,37 @@ class BatchCost:
         return n_prompts * (self.per_token * width + self.per_square * width * width + self.per_prompt)
 
 
+def _largest(config: Any, *names: str) -> int | None:
+    """The first of `names` the config sets, as one number; per-layer lists count by their largest entry."""
+    for name in names:
+        value = config_value(config, name)
+        if isinstance(value, (list, tuple)):
+            value = max((v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)), default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
 def batch_cost(loaded: LoadedModel) -> BatchCost:
     config = loaded.model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(loaded.parts.unembed.weight.shape[1])
-    vocab = int(loaded.parts.unembed.weight.shape[0])
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
-    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1)
+    text = text_config_of(loaded.model)
+    hidden = loaded.parts.hidden_size
+    vocab = loaded.parts.vocab_size
+    intermediate = _largest(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff") or 4 * hidden
+    heads = _largest(text, "num_attention_heads", "n_head", "n_heads") or 1
     param = next(loaded.model.parameters(), None)
     width = param.element_size() if param is not None else 4
+    # Mixture of experts: each token runs through its top-k experts (and any shared ones), and the router
+    # writes one logit per expert; a dense MLP row is the upper bound when the config says nothing else.
+    experts = _largest(text, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") or 0
+    if experts:
+        top_k = _largest(text, "num_experts_per_tok", "moe_topk", "top_k", "moe_k") or 1
+        expert_width = _largest(text, "moe_intermediate_size", "expert_intermediate_size") or int(intermediate)
+        shared = (_largest(text, "n_shared_experts", "num_shared_experts") or 0) * expert_width
+        shared += _largest(text, "shared_expert_intermediate_size") or 0
+        intermediate = max(int(intermediate), top_k * expert_width + shared)
     # Residual in and out, normed copy, q/k/v and attention output, plus gate, up and activated MLP rows.
-    per_token = width * (7 * hidden + 3 * int(intermediate))
+    per_token = width * (7 * hidden + 3 * int(intermediate) + 2 * experts)
     eager = getattr(config, "_attn_implementation", "eager") in (None, "eager")
     per_square = 4 + (2 * heads * width if eager else 0)
     # Next-token logits and their softmax, float32, plus the captured layers.
@@ -220,6 +242,10 @@ class _Capture:
         self.final: torch.Tensor | None = None
         self.full: list[torch.Tensor | None] = []
         self.keep_all = False
+        # How often each slot was written in this forward pass: a block that never ran or ran twice (shared or
+        # looped layers) would leave a row uninitialised or overwritten, so the tracer refuses either.
+        self.calls: list[int] = []
+        self.norm_calls = 0
         # Off outside the model's own forward pass: the logit lens calls the final norm again.
         self.active = False
 
@@ -236,6 +262,7 @@ class _Capture:
 class Tracer:
     """Traces texts through a loaded model. Parameters are fixed at construction, like an estimator.
 
+    `padding_side` None takes what the model's load-time self-check proved (`loaded.parts.padding`).
     Batches are length-sorted and bounded three ways: at most `batch_size` prompts (None: no fixed count),
     at most `max_batch_tokens` padded tokens (None: no fixed count), and an estimated activation memory of at
     most `memory_budget` bytes (None: a default from the free memory of the device). Batching never changes
@@ -248,11 +275,12 @@ class Tracer:
         options: TraceOptions | None = None,
         batch_size: int | None = 16,
         max_batch_tokens: int | None = None,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         memory_budget: int | None = None,
     ) -> None:
+        padding_side = padding_side or loaded.parts.padding
         if padding_side not in PADDING_SIDES:
-            raise TokentrailError(f"unknown padding side {padding_side!r}; use left or right")
+            raise TokentrailError(f"unknown padding side {padding_side!r}; use left, right or none")
         if batch_size is not None and batch_size < 1:
             raise TokentrailError(f"--batch-size must be at least 1, got {batch_size}")
         if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -347,6 +375,8 @@ class Tracer:
                 real = np.cumsum(lengths[order[start : start + fit]])
                 padded = width * np.arange(1, len(real) + 1)
                 fit = int(np.flatnonzero(padded <= (1 + AUTO_MAX_PADDING) * real)[-1]) + 1
+            if self.padding_side == "none":
+                fit = min(fit, int(np.sum(lengths[order[start : start + max(1, fit)]] == width)))
             fit = max(1, int(fit))  # one prompt always goes, even past the budget: there is no smaller batch
             batches.append(order[start : start + fit])
             start += fit
@@ -354,7 +384,7 @@ class Tracer:
 
     def _selected_index(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         """Column of the traced token in each padded row."""
-        offset = width - lengths if self.padding_side == "left" else torch.zeros_like(lengths)
+        offset = width - lengths if self.padding_side != "right" else torch.zeros_like(lengths)
         if self.position in ("last", "all"):
             return offset + lengths - 1
         assert isinstance(self.position, int)
@@ -367,7 +397,7 @@ class Tracer:
         n, width = len(lengths), int(lengths.max())
         rows = np.repeat(np.arange(n), lengths)
         within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        columns = within + (width - lengths)[rows] if self.padding_side == "left" else within
+        columns = within + (width - lengths)[rows] if self.padding_side != "right" else within
         input_ids = np.full((n, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         input_ids[rows, columns] = flat[np.repeat(starts, lengths) + within]
@@ -382,10 +412,21 @@ class Tracer:
         into one preallocated tensor on the model's device, so a GPU is not synchronised once per layer.
         """
         parts = self.loaded.parts
+        first_argument = _first_parameter(parts.blocks[0])
 
-        def keep(slot: int, hidden: torch.Tensor) -> None:
+        def keep(slot: int, hidden: Any) -> None:
             if not capture.active:
                 return
+            capture.calls[slot] += 1
+            if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 and hidden.shape[0] == capture.n_rows:
+                # Parallel residual streams [B, T, S, H] (hyper-connections): one token's state is all S of them.
+                hidden = hidden.flatten(2)
+            if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[0] != capture.n_rows:
+                shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+                raise TokentrailError(
+                    f"{self.loaded.name}: {_slot_name(slot)} gives a residual state of shape {shape}, not "
+                    f"[batch {capture.n_rows}, tokens, hidden]; tokentrail cannot trace this architecture"
+                )
             if capture.layers is None:
                 capture.layers = torch.empty((capture.n_rows, parts.n_layers + 1, hidden.shape[-1]),
                                              dtype=torch.float32, device=self.loaded.device)
@@ -394,35 +435,59 @@ class Tracer:
                 capture.full[slot] = hidden.detach().to(torch.float32).cpu()
 
         def pre_first_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            keep(0, args[0] if args else kwargs["hidden_states"])
+            keep(0, args[0] if args else kwargs.get(first_argument))
 
         def after_block(slot: int):
             def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                keep(slot, output[0] if isinstance(output, (tuple, list)) else output)
+                keep(slot, _first_tensor(output))
 
             return hook
 
+        last_running = max((slot for slot in range(1, parts.n_layers + 1) if slot not in parts.skipped_blocks),
+                           default=parts.n_layers)
+
         def after_norm(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if capture.active:
+            # Only after the last block: some models run the same norm on the embeddings too (nanochat).
+            if capture.active and capture.calls[last_running] > 0:
+                capture.norm_calls += 1
                 # A copy, not a view: a view would keep the whole normed sequence alive until the readout.
-                capture.final = capture.pick(output).clone()
+                capture.final = capture.pick(_first_tensor(output)).clone()
 
         handles = [parts.blocks[0].register_forward_pre_hook(pre_first_block, with_kwargs=True)]
         try:
             for slot, block in enumerate(parts.blocks, start=1):
                 handles.append(block.register_forward_hook(after_block(slot)))
-            handles.append(parts.final_norm.register_forward_hook(after_norm))
+            if parts.final_capture is not None:
+                handles.append(parts.final_capture.register_forward_hook(after_norm))
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _logits(self, normed: torch.Tensor) -> torch.Tensor:
-        parts = self.loaded.parts
-        logits = parts.unembed(normed).to(torch.float32)
-        if parts.logit_softcap:
-            logits = torch.tanh(logits / parts.logit_softcap) * parts.logit_softcap
-        return logits
+    def _check_calls(self, capture: _Capture) -> None:
+        """Refuse a forward pass in which a block did not run exactly once, before its rows are used."""
+        skipped = self.loaded.parts.skipped_blocks
+        for slot, calls in enumerate(capture.calls):
+            if calls == (0 if slot in skipped else 1):
+                continue
+            if slot in skipped:
+                raise TokentrailError(
+                    f"{self.loaded.name}: {_slot_name(slot)} ran {calls} time(s), though the self-check found that "
+                    "the forward pass skips it; tokentrail cannot tell which state is right"
+                )
+            what = "did not run" if calls == 0 else f"ran {calls} times"
+            why = ("(a layer the forward pass skips)" if calls == 0
+                   else "(shared or looped layers: its states would overwrite each other)")
+            raise TokentrailError(
+                f"{self.loaded.name}: {_slot_name(slot)} {what} in one forward pass {why}; tokentrail cannot "
+                "trace this architecture"
+            )
+        if self.loaded.parts.final_norm is not None and capture.norm_calls != 1:
+            raise TokentrailError(
+                f"{self.loaded.name}: the final norm {self.loaded.parts.final_norm_path} ran {capture.norm_calls} "
+                "times after the last block in one forward pass, not once; tokentrail cannot tell which is the "
+                "final state"
+            )
 
     def _lens(self, layers: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of final norm + unembedding on every layer, all layers of a batch in as few matmuls as fit.
@@ -431,7 +496,9 @@ class Tracer:
         otherwise take more memory than the forward pass itself.
         """
         parts = self.loaded.parts
-        norm_param = next(parts.final_norm.parameters(), None)
+        norm_param = next(parts.final_capture.parameters(), None) if parts.final_capture is not None else None
+        if norm_param is None:
+            norm_param = parts.unembed.weight
         device = norm_param.device if norm_param is not None else layers.device
         dtype = norm_param.dtype if norm_param is not None else layers.dtype
         n, depth, hidden = layers.shape
@@ -441,7 +508,7 @@ class Tracer:
         ids, probs = [], []
         for start in range(0, len(flat), chunk):
             rows = flat[start : start + chunk].to(device=device, dtype=dtype)
-            top = torch.softmax(self._logits(parts.final_norm(rows)), dim=-1).topk(k, dim=-1)
+            top = torch.softmax(parts.logits(parts.normed(rows)), dim=-1).topk(k, dim=-1)
             ids.append(top.indices)
             probs.append(top.values)
         return torch.cat(ids).reshape(n, depth, k), torch.cat(probs).reshape(n, depth, k)
@@ -472,7 +539,7 @@ class Tracer:
         flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum()))
         # With left padding every row ends at the traced token, so the model's own last-column logits are the
         # next-token readout and the unembedding need not run a second time.
-        model_readout = self.position == "last" and self.padding_side == "left"
+        model_readout = self.position == "last" and self.padding_side != "right"
         out: dict[str, np.ndarray | None] = {
             "states": None,
             "final_states": None,
@@ -511,10 +578,12 @@ class Tracer:
                     capture.columns = columns.to(device)
                 capture.layers, capture.final = None, None
                 capture.full = [None] * (parts.n_layers + 1)
+                capture.calls = [0] * (parts.n_layers + 1)
+                capture.norm_calls = 0
                 mask_on_device = self._to_device(mask)
                 kwargs: dict[str, Any] = {"input_ids": self._to_device(input_ids), "attention_mask": mask_on_device,
                                           "use_cache": False}
-                if self._pass_position_ids:
+                if self._pass_position_ids and self.padding_side == "left":
                     # Models with absolute position embeddings (GPT-2, OPT) otherwise number pad tokens too and
                     # shift every left-padded prompt's positions.
                     kwargs["position_ids"] = (mask_on_device.cumsum(-1) - 1).clamp(min=0)
@@ -526,8 +595,15 @@ class Tracer:
                 finally:
                     capture.active = False
                 self.n_forward_passes += 1
+                self._check_calls(capture)
+                for slot in parts.skipped_blocks:  # a block that did not run left the residual state unchanged
+                    capture.layers[:, slot] = capture.layers[:, slot - 1]
+                    if keep_all:
+                        capture.full[slot] = capture.full[slot - 1]
                 layers, final = capture.layers, capture.final
-                logits = output.logits[:, -1].to(torch.float32) if model_readout else self._logits(final)
+                if parts.final_norm is None:  # post-norm model: the last block's output is what the head reads
+                    final = layers[:, parts.n_layers].clone()
+                logits = output.logits[:, -1].to(torch.float32) if model_readout else parts.logits(final)
                 del output
                 top = torch.softmax(logits, dim=-1).topk(k, dim=-1)
                 results = {"states": layers, "final_states": final.to(torch.float32),
@@ -551,7 +627,7 @@ class Tracer:
                     full = torch.stack(capture.full, dim=2)  # [B, T, L+1, H]
                     for row, prompt_index in enumerate(index.tolist()):
                         length = int(lengths[prompt_index])
-                        span = slice(width - length, width) if self.padding_side == "left" else slice(0, length)
+                        span = slice(0, length) if self.padding_side == "right" else slice(width - length, width)
                         token_states[prompt_index] = full[row, span].numpy().copy()
             settle(keep=0)
         assert out["states"] is not None and out["final_states"] is not None
@@ -616,6 +692,31 @@ class Tracer:
         )
 
 
+def _slot_name(slot: int) -> str:
+    return "the input of block 1" if slot == 0 else f"block {slot}"
+
+
+def _first_tensor(output: Any) -> Any:
+    """The hidden state in what a block or norm returns: a tensor, or the first item of a tuple or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    if hasattr(output, "to_tuple"):
+        items = output.to_tuple()
+        return items[0] if items else None
+    return output
+
+
+def _first_parameter(module: torch.nn.Module) -> str:
+    """Name of a block's first forward argument, where its hidden state arrives when passed by keyword."""
+    try:
+        names = [name for name in inspect.signature(module.forward).parameters if name not in ("self",)]
+    except (TypeError, ValueError):
+        names = []
+    return names[0] if names else "hidden_states"
+
+
 def model_info(loaded: LoadedModel) -> dict[str, Any]:
     config = loaded.model.config
     return {
@@ -623,7 +724,8 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "architecture": type(loaded.model).__name__,
         "model_type": getattr(config, "model_type", ""),
         "n_layers": loaded.parts.n_layers,
-        "hidden_size": int(loaded.parts.unembed.weight.shape[1]),
+        "hidden_size": loaded.parts.hidden_size,
         "blocks": loaded.parts.blocks_path,
-        "final_norm": loaded.parts.final_norm_path,
+        "final_norm": loaded.parts.final_norm_path or None,
+        "head": loaded.parts.head_path,
     }
