@@ -182,16 +182,15 @@ def test_self_check_refuses_a_model_it_cannot_prove(work, tiny_model_dir, capsys
     """A tracer that disagrees with the model's own output_hidden_states stops the run before anything is stored."""
     from tokentrail import selfcheck
 
-    original = selfcheck._references
+    original = selfcheck._reference
 
-    def shifted(loaded, encoded):  # as if the tracer hooked the wrong modules: every reference state moved
-        references, after_blocks = original(loaded, encoded)
-        for reference in references:
-            reference.states = [state + 1.0 for state in reference.states]
-            reference.embedding = reference.embedding + 1.0
-        return references, after_blocks
+    def shifted(loaded, ids):  # as if the tracer hooked the wrong modules: every reference state moved
+        reference = original(loaded, ids)
+        reference.hidden = [state + 1.0 for state in reference.hidden]
+        reference.embedding = reference.embedding + 1.0
+        return reference
 
-    monkeypatch.setattr(selfcheck, "_references", shifted)
+    monkeypatch.setattr(selfcheck, "_reference", shifted)
     (work / "new.txt").write_text("A prompt never traced before\n")
     before = snapshot(work)
     fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),

@@ -1,18 +1,25 @@
 """Load-time self-check: the tracer is compared with the model's own forward pass before anything is traced.
 
 A tracer that hooks the wrong module, reads the wrong readout or lets padding leak into a recurrence gives
-numbers that look fine and are wrong. So every load traces a few short prompts of different lengths in one
-padded batch and compares, for each prompt, against an unpadded forward pass of the model alone:
+numbers that look fine and are wrong. So every load runs two forward passes:
 
-    states[0..L-1]   == output_hidden_states[0..L-1]         (embedding output and block outputs)
-    final_states     == output_hidden_states[L]              (the final-normed state)
-    readout(final)   == the model's next-token logits
-    lens at layer L  == the model's next-token logits       (final norm + head on the last block's raw output)
+1. the model's own plain forward of one short prompt (input ids only, as a user would call it), with
+   `output_hidden_states`;
+2. the tracer on that prompt and a prefix of it in one padded batch, every token kept.
+
+and compares, at every token and layer:
+
+    tracer states of the prompt              == output_hidden_states   (the blocks are the residual stream)
+    tracer states of the padded prefix       == the prompt's first tokens (a causal model's states of a
+                                                prefix are the prefix's own), so padding changes nothing
+    final-normed states                      == output_hidden_states[-1]
+    readout(final), lens at the last layer   == the model's next-token log-probabilities
 
 It also decides how prompts of different lengths may share a batch: left padding when that is exact, else
-right padding, else only prompts of equal length (recurrent models whose left padding feeds pad tokens
-through their state). When the unpadded trace itself disagrees, the model is refused with one line naming
-what differed and where.
+right padding, else only prompts of equal length (recurrent models whose left padding feeds pad tokens through
+their state, position ids counted from a padding index, routing that depends on the batch). When the model
+and the tracer disagree even unpadded, the model is refused with one line naming what differed and where.
+`make bench` measures the cost against a 200-prompt trace.
 """
 
 from __future__ import annotations
@@ -27,15 +34,10 @@ import torch
 from tokentrail.errors import ArchitectureError, TokentrailError
 from tokentrail.models import LoadedModel, _Chain
 
-# Three lengths, so that a padded batch has rows padded by different amounts.
-CHECK_PROMPTS = (
-    "The capital of France is",
-    "def add(a, b):\n    return a + b\n\nprint(add(2,",
-    "Once",
-)
-# Largest relative difference accepted, for states and for next-token log-probabilities alike:
-# max |traced - reference| / max |reference - mean| per layer. Half precision runs other kernels batched than
-# alone; a wrong hook, norm or padding shows as a difference of order one either way.
+CHECK_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
+# Largest relative difference accepted, for states and for next-token log-probabilities alike: per token,
+# max |traced - reference| / max |reference|. Half precision runs other kernels batched than alone; a wrong
+# hook, norm or padding shows as a difference of order one either way.
 TOLERANCE = {"float32": 1e-3, "half": 5e-2}
 
 
@@ -43,9 +45,9 @@ TOLERANCE = {"float32": 1e-3, "half": 5e-2}
 class SelfCheckReport:
     padding: str
     head: str
+    final_norm: str | None
     max_state_error: float
     max_readout_error: float
-    final_norm: str | None
     forward_passes: int
     seconds: float
 
@@ -53,40 +55,26 @@ class SelfCheckReport:
         return asdict(self)
 
 
-@dataclass
-class _Reference:
-    # Every token of the prompt, flattened per token: a padding leak often shows first at early positions.
-    states: list[np.ndarray]  # output_hidden_states, [T, D] each, L+1 of them
-    embedding: np.ndarray  # get_input_embeddings()(ids), [T, H]
-    last_raw: np.ndarray  # the last block's raw output, [T, D]
-    log_probs: np.ndarray  # next-token log-probabilities [V]
-
-
 class _ShapeMismatch(Exception):
     pass
 
 
 def _relative(traced: np.ndarray, reference: np.ndarray) -> float:
+    """Largest error per token, each against that token's own scale: one token with massive activations (an
+    attention sink) must not hide an error at another."""
     if traced.shape != reference.shape:  # e.g. a reversible model whose blocks carry two streams side by side
         raise _ShapeMismatch(f"has shape {traced.shape}, the model's own {reference.shape}")
     if not np.all(np.isfinite(traced)):
         return float("inf")
-    # Per token, against that token's own scale: one token with massive activations (an attention sink)
-    # must not hide an error at another.
     traced, reference = np.atleast_2d(traced), np.atleast_2d(reference)
     scale = np.max(np.abs(reference), axis=-1)
     scale[scale == 0] = 1.0
     return float(np.max(np.max(np.abs(traced - reference), axis=-1) / scale))
 
 
-def _encode(loaded: LoadedModel) -> list[list[int]]:
-    from tokentrail.trace import Tracer
-
-    tracer = Tracer(loaded, padding_side="none")
-    encoded = tracer.encode(list(CHECK_PROMPTS))
-    if len({len(ids) for ids in encoded}) < 2:  # a tokenizer that maps them to equal lengths: make them differ
-        encoded[-1] = encoded[-1][:1]
-    return encoded
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _after_blocks_candidates(loaded: LoadedModel) -> list[tuple[str, torch.nn.Module]]:
@@ -104,241 +92,230 @@ def _after_blocks_candidates(loaded: LoadedModel) -> list[tuple[str, torch.nn.Mo
     return found
 
 
+@dataclass
+class _Reference:
+    """The model's own plain forward pass of the long prompt alone: input ids only, as a user would call it."""
+
+    hidden: list[np.ndarray]  # output_hidden_states, [T, D] each
+    last_raw: np.ndarray  # output of the last block that ran, [T, D]
+    embedding: np.ndarray  # the input embeddings [T, H], for Mamba-style models
+    log_probs: np.ndarray  # next-token log-probabilities [V]
+    ran_blocks: set[int]
+    after_blocks: list[tuple[str, torch.nn.Module]]  # modules run after the last block, in order
+    stream_shape: tuple[int, ...]
+
+
 @torch.inference_mode()
-def _references(loaded: LoadedModel, encoded: list[list[int]],
-                ) -> tuple[list[_Reference], list[tuple[str, torch.nn.Module]]]:
-    """The model's own unpadded forward of each prompt, and the modules it ran after its last block, in order."""
-    from tokentrail.trace import _first_tensor
+def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
+    from tokentrail.trace import _first_tensor, _supports
 
     parts = loaded.parts
     device = next(loaded.model.parameters()).device
-    captured: dict[str, torch.Tensor] = {}
+    events: list[tuple[int, str, torch.nn.Module, Any]] = []  # (block number or 0, path, module, output)
+
+    def record(number: int, path: str):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            events.append((number, path, module, _first_tensor(output)))
+        return hook
+
+    kwargs: dict[str, Any] = {"output_hidden_states": True, "use_cache": False}
+    if _supports(loaded.model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # only the next-token logits are compared
+    input_ids = torch.tensor([ids], device=device)
+    handles = [block.register_forward_hook(record(number, "")) for number, block in enumerate(parts.blocks, 1)]
+    handles += [module.register_forward_hook(record(0, path)) for path, module in _after_blocks_candidates(loaded)]
+    try:
+        output = loaded.model(input_ids=input_ids, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    block_outputs = [(number, value) for number, _, _, value in events if number]
+    if not block_outputs:
+        raise ArchitectureError("self-check failed: no decoder block ran in a forward pass")
+    max_block, raw = block_outputs[-1]
+    n_tokens = len(ids)
+    if not isinstance(raw, torch.Tensor) or raw.ndim < 3 or tuple(raw.shape[:2]) != (1, n_tokens):
+        shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ArchitectureError(
+            f"self-check failed: block {max_block} returns {shape} for one prompt of {n_tokens} tokens, not "
+            f"[1, {n_tokens}, ...]: its residual stream is not laid out one state per prompt token "
+            "(sequence-first, extra tokens, or streams first), so tokentrail cannot trace it"
+        )
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None:
+        raise ArchitectureError(
+            "self-check impossible: the model gives no output_hidden_states, so tokentrail cannot prove its states "
+            "on this architecture (--no-self-check traces anyway, at your own risk)"
+        )
+    last_event = max(i for i, event in enumerate(events) if event[0])
     after: list[tuple[str, torch.nn.Module]] = []
+    # A pooler (BERT-style, one vector per prompt) runs after the blocks too; no readout passes it.
+    for _, path, module, value in events[last_event + 1:]:
+        if isinstance(value, torch.Tensor) and value.ndim >= 3 and all(module is not known for _, known in after):
+            after.append((path, module))
 
-    ran_blocks: set[int] = set()
+    def rows(tensor: torch.Tensor) -> np.ndarray:
+        return tensor[0].reshape(n_tokens, -1).to(torch.float32).cpu().numpy()
 
-    def keep_output(number: int):
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            ran_blocks.add(number)
-            if number == max_block:  # the last block that runs: its output is where the readout starts
-                captured["raw"] = _first_tensor(output)
-        return hook
+    return _Reference(
+        hidden=[rows(h) for h in hidden],
+        last_raw=rows(raw),
+        embedding=rows(loaded.model.get_input_embeddings()(input_ids)),
+        log_probs=torch.log_softmax(output.logits[0, -1].to(torch.float32), -1).cpu().numpy(),
+        ran_blocks={number for number, _ in block_outputs},
+        after_blocks=after,
+        stream_shape=tuple(raw.shape[2:]),
+    )
 
-    def ran(path: str):
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            per_token = isinstance(_first_tensor(output), torch.Tensor) and _first_tensor(output).ndim >= 3
-            # A pooler (BERT-style, one vector per prompt) runs after the blocks too, but no readout passes it.
-            if "raw" in captured and per_token and all(module is not known for _, known in after):
-                after.append((path, module))
-        return hook
 
-    references = []
-    # Which blocks a plain forward pass runs: a block it skips (a cross-attention layer without an image) keeps
-    # the residual state unchanged, and the tracer records it so; a skipped last block moves the readout's start.
-    max_block = parts.n_layers
-    handles = [block.register_forward_hook(keep_output(number)) for number, block in enumerate(parts.blocks, 1)]
+def _traced(loaded: LoadedModel, encoded: list[list[int]], padding: str) -> tuple[dict[str, Any], int]:
+    """The tracer's arrays for `encoded` with `padding` (or {"error": why}), and its forward-pass count."""
+    from tokentrail.trace import TraceOptions, Tracer
+
+    loaded.parts.padding = padding
+    tracer = Tracer(loaded, TraceOptions(position="all", top_k=1, logit_lens=False), batch_size=len(encoded),
+                    padding_side=padding)
     try:
-        loaded.model(input_ids=torch.tensor([encoded[0]], device=device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    parts.skipped_blocks = tuple(number for number in range(1, parts.n_layers + 1) if number not in ran_blocks)
-    max_block = max(ran_blocks) if ran_blocks else parts.n_layers
-    captured.clear()
-    handles = [parts.blocks[max_block - 1].register_forward_hook(keep_output(max_block))]
-    handles += [module.register_forward_hook(ran(path)) for path, module in _after_blocks_candidates(loaded)]
-    try:
-        for ids in encoded:
-            captured.clear()
-            output = loaded.model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True,
-                                  use_cache=False)
-            hidden = getattr(output, "hidden_states", None)
-            if hidden is None or len(hidden) != parts.n_layers + 1 - len(parts.skipped_blocks):
-                count = "no hidden states" if hidden is None else f"{len(hidden)} hidden states"
-                raise ArchitectureError(
-                    f"{loaded.name}: self-check impossible: output_hidden_states gives {count} for "
-                    f"{parts.n_layers - len(parts.skipped_blocks)} blocks that run, so tokentrail cannot prove its "
-                    "states on this architecture "
-                    "(--no-self-check traces anyway, at your own risk)"
-                )
-            if "raw" not in captured:
-                raise ArchitectureError(f"{loaded.name}: self-check failed: the last block did not run")
-            raw = captured["raw"]
-            if not isinstance(raw, torch.Tensor) or raw.ndim < 3 or tuple(raw.shape[:2]) != (1, len(ids)):
-                shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
-                raise ArchitectureError(
-                    f"self-check failed: block {max_block} returns {shape} for one prompt of {len(ids)} tokens, not "
-                    f"[1, {len(ids)}, ...]: its residual stream is not laid out one state per prompt token "
-                    "(sequence-first, extra tokens, or streams first), so tokentrail cannot trace it"
-                )
-            # The state of one token as the blocks carry it: (H,), or (S, H) for parallel residual streams.
-            parts.stream_shape = tuple(raw.shape[2:])
-            if len(encoded) > 1:
-                handles, first_handles = handles[:1], handles[1:]
-                for handle in first_handles:  # the chain is known after the first prompt
-                    handle.remove()
-            logits = output.logits[0, -1].to(torch.float32)
-            embed = loaded.model.get_input_embeddings()(torch.tensor([ids], device=device))
-            n_tokens = len(ids)
-            references.append(_Reference(
-                states=[h[0].reshape(n_tokens, -1).to(torch.float32).cpu().numpy() for h in hidden],
-                embedding=embed[0].reshape(n_tokens, -1).to(torch.float32).cpu().numpy(),
-                last_raw=captured["raw"][0].reshape(n_tokens, -1).to(torch.float32).cpu().numpy(),
-                log_probs=torch.log_softmax(logits, -1).cpu().numpy(),
-            ))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return references, after
+        return tracer.trace_ids(encoded), tracer.n_forward_passes
+    except TokentrailError as exc:  # a block that did not run once, a final norm that never ran
+        return {"error": str(exc).split(": ", 1)[-1]}, tracer.n_forward_passes
+    except Exception as exc:  # noqa: BLE001 - the model's own forward failed on this batch: in one line
+        return {"error": _first_line(exc)}, tracer.n_forward_passes
 
 
-def _state_mismatch(arrays: dict[str, Any], references: list[_Reference], tolerance: float,
+def _state_mismatch(arrays: dict[str, Any], reference: _Reference, parts: Any, prefix: int, tolerance: float,
                     ) -> tuple[str | None, float]:
-    """The first state that differs from the reference (as words), and the largest error seen.
+    """The first state that differs from the model's own (as words), and the largest error seen.
 
     Models report output_hidden_states in one of two ways, and either proves the states: most list the input
     of every block and then the final-normed state; Mamba-style models list every block's output, then the
     normed one, and their layer 0 is proven against the input embeddings instead. A model whose last entry is
     the raw last state, not the normed one, has its final state proven by the readout check instead.
     """
-    tokens, finals = arrays["token_states"], arrays["final_states"]  # tokens: [T, L+1, D] per prompt
+    if "error" in arrays:
+        return arrays["error"], float("inf")
+    tokens, finals = arrays["token_states"], arrays["final_states"]
+    hidden = reference.hidden
+    kept = [0] + [layer for layer in range(1, parts.n_layers + 1) if layer not in parts.skipped_blocks]
+    if len(hidden) != len(kept):
+        return (f"output_hidden_states gives {len(hidden)} states for {len(kept) - 1} blocks that run, so tokentrail "
+                "cannot prove its states on this architecture"), float("inf")
     best: tuple[str | None, float] = ("", float("inf"))
     for shifted in (False, True):
+        expected = []
+        for index in range(len(kept)):
+            if index == len(kept) - 1:
+                expected.append((reference.last_raw, "the last block's output"))
+            elif shifted:
+                expected.append((reference.embedding if index == 0 else hidden[index - 1],
+                                 "the input embeddings" if index == 0 else "the model's output_hidden_states"))
+            else:
+                expected.append((hidden[index], "the model's output_hidden_states"))
         worst, problem = 0.0, None
-        for row, reference in enumerate(references):
-            # Blocks the forward pass skips (Mllama's cross-attention layers without an image) have no entry.
-            kept = [0] + [layer for layer in range(1, arrays["n_layers"] + 1) if layer not in arrays["skipped"]]
-            n_layers = len(reference.states) - 1
+        for row, length in ((0, len(tokens[0])), (1, prefix)):
             for index, layer in enumerate(kept):
-                if index == n_layers:
-                    expected, what = reference.last_raw, "the last block's output"
-                elif shifted:
-                    expected = reference.embedding if index == 0 else reference.states[index - 1]
-                    what = "the input embeddings" if index == 0 else "the model's output_hidden_states"
-                else:
-                    expected, what = reference.states[index], "the model's output_hidden_states"
+                where = "the embedding output (layer 0)" if layer == 0 else f"layer {layer}"
+                if row == 1:
+                    where += " of a left-padded prompt" if parts.padding == "left" else " of a batched prompt"
+                target, what = expected[index]
                 try:
-                    error = _relative(tokens[row][:, layer], expected)
+                    error = _relative(tokens[row][:, layer], target[:length])
                 except _ShapeMismatch as exc:
-                    where = "the embedding output (layer 0)" if layer == 0 else f"layer {layer}"
                     return f"{where} {exc}", float("inf")
                 worst = max(worst, error)
                 if error > tolerance and problem is None:
-                    where = "the embedding output (layer 0)" if layer == 0 else f"layer {layer}"
                     problem = f"{where} differs from {what} by {error:.2g}"
+            normed, raw = hidden[-1][length - 1], reference.last_raw[length - 1]
             try:
-                final_error = _relative(finals[row], reference.states[n_layers][-1])
+                final_error = _relative(finals[row], normed)
             except _ShapeMismatch as exc:
                 return f"the final-normed state {exc}", float("inf")
-            reports_raw = (reference.states[n_layers].shape == reference.last_raw.shape
-                           and _relative(reference.states[n_layers][-1], reference.last_raw[-1]) <= tolerance)
-            if final_error > tolerance and reports_raw:
+            if final_error > tolerance and normed.shape == raw.shape and _relative(normed, raw) <= tolerance:
                 final_error = 0.0  # the model reports its raw last state; the readout check proves the final one
             worst = max(worst, final_error)
             if final_error > tolerance and problem is None:
                 problem = f"the final-normed state differs from output_hidden_states[-1] by {final_error:.2g}"
         if problem is None:
             return None, worst
-        if worst < best[1] or best[0] == "":
-            best = (problem, worst) if not shifted or best[0] == "" else best
+        if not shifted:
+            best = (problem, worst)
     return best
 
 
 @torch.inference_mode()
-def _readout_error(loaded: LoadedModel, arrays: dict[str, Any], references: list[_Reference], head: Any) -> float:
-    """Largest relative difference of next-token log-probabilities, read out from the final state and from layer L."""
+def _readout_error(loaded: LoadedModel, arrays: dict[str, Any], reference: _Reference, head: Any) -> float:
+    """Relative difference of the long prompt's next-token log-probabilities, read out from its final state
+    and from its last layer through the final norm, against the model's own."""
     parts = loaded.parts
     weight = parts.unembed.weight
-    worst = 0.0
     saved = parts.head
     parts.head = head
     try:
-        for row, reference in enumerate(references):
-            final = torch.from_numpy(arrays["final_states"][row]).to(device=weight.device, dtype=weight.dtype)
-            raw = torch.from_numpy(arrays["states"][row, -1]).to(device=weight.device, dtype=weight.dtype)
-            expected = reference.log_probs
-            scale = float(np.max(np.abs(expected - expected.mean()))) or 1.0
-            for logits in (parts.logits(final[None]), parts.logits(parts.normed(raw[None]))):
-                log_probs = torch.log_softmax(logits, -1)[0].cpu().numpy()
-                if log_probs.shape != expected.shape:
-                    return float("inf")
-                worst = max(worst, float(np.max(np.abs(log_probs - expected))) / scale)
+        final = torch.from_numpy(arrays["final_states"][:1]).to(device=weight.device, dtype=weight.dtype)
+        raw = torch.from_numpy(arrays["states"][:1, -1]).to(device=weight.device, dtype=weight.dtype)
+        expected = reference.log_probs
+        scale = float(np.max(np.abs(expected - expected.mean()))) or 1.0
+        worst = 0.0
+        for logits in (parts.logits(final), parts.logits(parts.normed(raw))):
+            log_probs = torch.log_softmax(logits, -1)[0].cpu().numpy()
+            if log_probs.shape != expected.shape:
+                return float("inf")
+            worst = max(worst, float(np.max(np.abs(log_probs - expected))) / scale)
+        return worst
     finally:
         parts.head = saved
-    return worst
-
-
-def _attempt(loaded: LoadedModel, encoded: list[list[int]], references: list[_Reference], tolerance: float,
-             ) -> tuple[dict[str, tuple[str | None, float, dict[str, Any]]], int]:
-    """Trace the check prompts with left padding, then unpadded and right-padded while they disagree."""
-    from tokentrail.trace import TraceOptions, Tracer
-
-    options = TraceOptions(position="all", top_k=1, logit_lens=False)
-    attempts: dict[str, tuple[str | None, float, dict[str, Any]]] = {}
-    passes = 0
-    for padding in ("left", "none", "right"):
-        tracer = Tracer(loaded, options, batch_size=len(encoded), padding_side=padding)
-        try:
-            arrays = tracer.trace_ids(encoded)
-        except TokentrailError as exc:  # a block that did not run once, a final norm that never ran
-            problem, worst, arrays = str(exc).split(": ", 1)[-1], float("inf"), {}
-        except Exception as exc:  # noqa: BLE001 - the model's own forward failed on this batch: in one line
-            problem, worst, arrays = _first_line(exc), float("inf"), {}
-        else:
-            arrays["n_layers"], arrays["skipped"] = loaded.parts.n_layers, loaded.parts.skipped_blocks
-            problem, worst = _state_mismatch(arrays, references, tolerance)
-        passes += tracer.n_forward_passes
-        attempts[padding] = (problem, worst, arrays)
-        if padding == "left" and problem is None:
-            break
-        if padding == "none" and problem is not None:
-            break  # the unpadded trace disagrees already: padding is not the problem
-        if padding == "right" and problem is None:
-            break
-    return attempts, passes
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def self_check(loaded: LoadedModel) -> SelfCheckReport:
     """Prove the tracer on this model, choose how it batches, and refuse it with one line if it cannot."""
+    from tokentrail.trace import Tracer
+
     started = time.perf_counter()
     tolerance = TOLERANCE["float32" if loaded.model.dtype == torch.float32 else "half"]
     parts = loaded.parts
-    encoded = _encode(loaded)
+    (long_ids,) = Tracer(loaded, padding_side="none").encode([CHECK_PROMPT])
+    prefix = max(1, len(long_ids) // 2)
+    encoded = [long_ids, long_ids[:prefix]]
     failures: list[str] = []
-    passes = len(encoded)
     try:
-        references, after_blocks = _references(loaded, encoded)
+        reference = _reference(loaded, long_ids)
+        passes = 1
+        parts.stream_shape = reference.stream_shape
+        parts.skipped_blocks = tuple(n for n in range(1, parts.n_layers + 1) if n not in reference.ran_blocks)
         candidates = list(parts.norm_candidates or [(parts.final_norm_path, parts.final_norm)])
-        if len(after_blocks) == 1 and all(after_blocks[0][1] is not norm for _, norm in candidates[:1]):
-            candidates.insert(0, after_blocks[0])
-        elif len(after_blocks) > 1:  # e.g. DeepSeek-V4: collapse the residual streams, then the norm
-            candidates.insert(0, ("+".join(path for path, _ in after_blocks),
-                                  _Chain([module for _, module in after_blocks])))
+        after = reference.after_blocks
+        if after:  # what the model really ran after its last block: e.g. DeepSeek-V4's stream collapse + norm
+            chain = after[0] if len(after) == 1 else ("+".join(p for p, _ in after), _Chain([m for _, m in after]))
+            if all(chain[1] is not known for _, known in candidates):
+                candidates.insert(1, chain)
         for norm_path, norm in candidates:
             parts.final_norm, parts.final_norm_path = norm, norm_path
-            attempts, used = _attempt(loaded, encoded, references, tolerance)
-            passes += used
-            unpadded = attempts.get("none")
-            if unpadded is not None and unpadded[0] is not None:
-                failures.append(unpadded[0])
-                continue  # another final-norm candidate (or none) may be the right one
-            padding = next(side for side in ("left", "right", "none") if side in attempts and attempts[side][0] is None)
-            _, state_error, arrays = attempts[padding]
+            results: dict[str, tuple[str | None, float, dict[str, Any]]] = {}
+            for padding in ("left", "none", "right"):
+                arrays, used = _traced(loaded, encoded, padding)
+                passes += used
+                problem, worst = _state_mismatch(arrays, reference, parts, prefix, tolerance)
+                results[padding] = (problem, worst, arrays)
+                if problem is None and padding in ("left", "right"):
+                    break
+                if padding == "none" and problem is not None:
+                    break  # wrong even unpadded: padding is not the problem
+            usable = [side for side in ("left", "right", "none") if side in results and results[side][0] is None]
+            if not usable:
+                failures.append(results.get("none", results["left"])[0])
+                continue
+            padding = usable[0]
+            _, state_error, arrays = results[padding]
             errors = []
             for head_path, head in parts.head_candidates or [(parts.head_path, parts.head)]:
                 try:
-                    errors.append(_readout_error(loaded, arrays, references, head))
+                    errors.append(_readout_error(loaded, arrays, reference, head))
                 except Exception:  # noqa: BLE001 - this norm and head do not even compose: not the readout
                     errors.append(float("inf"))
                 if errors[-1] <= tolerance:
                     parts.head, parts.head_path, parts.padding = head, head_path, padding
-                    return SelfCheckReport(padding=padding, head=head_path, max_state_error=state_error,
-                                           max_readout_error=errors[-1], final_norm=norm_path or None,
+                    return SelfCheckReport(padding=padding, head=head_path, final_norm=norm_path or None,
+                                           max_state_error=state_error, max_readout_error=errors[-1],
                                            forward_passes=passes, seconds=time.perf_counter() - started)
             failures.append(
                 f"the readout (final norm {norm_path or 'none'}, head {parts.head_path}) gives next-token "
@@ -349,10 +326,10 @@ def self_check(loaded: LoadedModel) -> SelfCheckReport:
         raise ArchitectureError(message if message.startswith(loaded.name) else f"{loaded.name}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward is a refusal, in one line
         raise ArchitectureError(f"{loaded.name}: self-check failed: {_first_line(exc)}") from None
-    # The most telling failure: not a norm candidate that never ran after the last block.
+    # The most telling failure: one about the blocks, not about a final-norm candidate.
     telling = ([failure for failure in failures if "final" not in failure]
                or [failure for failure in failures if "ran 0 times" not in failure] or failures)
     raise ArchitectureError(
-        f"{loaded.name}: self-check failed: {telling[0]} on a prompt traced alone; tokentrail refuses to trace "
-        "this model (--no-self-check traces anyway, at your own risk)"
+        f"{loaded.name}: self-check failed: {telling[0]}; tokentrail refuses to trace this model "
+        "(--no-self-check traces anyway, at your own risk)"
     )
