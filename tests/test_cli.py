@@ -37,6 +37,8 @@ def test_trace_export_info_on_a_local_model(tmp_path, tiny_model_dir):
     assert run["prompts"]["source"] == str(prompts) and len(run["prompts"]["items"]) == 4
     assert run["model"]["fingerprint"]["kind"] == "dir" and run["last_trace"]["traced"] == 4
     assert {"torch", "transformers", "tokentrail"} <= set(run["versions"])
+    check = run["self_check"]  # the load-time self-check ran and proved left padding on this Llama
+    assert check["padding"] == "left" and check["final_norm"] == "model.norm" and check["max_state_error"] < 1e-4
     tokentrail("export", "run", "--to", "states.npz", cwd=tmp_path, check=True)
     with np.load(tmp_path / "states.npz", allow_pickle=False) as data:
         assert data["states"].shape == (4, 4, 32) and data["states"].dtype == np.float32
@@ -45,7 +47,7 @@ def test_trace_export_info_on_a_local_model(tmp_path, tiny_model_dir):
         assert data["categories"].tolist() == ["math", "math", "story", "story"]
         assert data["layers"].tolist() == [0, 1, 2, 3]
     info = tokentrail("info", "run", cwd=tmp_path, check=True).stdout
-    assert "n_layers" in info and "math=2, story=2" in info
+    assert "n_layers" in info and "math=2, story=2" in info and "passed: left padding" in info
     second = tokentrail("trace", str(prompts), "--model", str(tiny_model_dir), "--out", "run", "-q", cwd=tmp_path)
     assert "traced 0 prompt(s) in 0 forward pass(es), 4 read back" in second.stderr
 

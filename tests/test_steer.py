@@ -408,3 +408,19 @@ def test_run_steering_from_model_settings(tmp_path, tiny_model_dir):
     run = read_run(tmp_path / "run")
     assert run["model"]["spec"] == str(tiny_model_dir) and "in_memory" not in run["model"]
     assert result.settings["model"]["weights_sha256"] == run["model"]["fingerprint"]["weights_sha256"]
+
+
+def test_generation_batches_equal_lengths_where_left_padding_is_unsafe(tiny_tokenizer):
+    """A model whose self-check rejected left padding (RoBERTa-style positions) generates in equal-length
+    batches, so each prompt decodes exactly as it does alone."""
+    from tokentrail.models import from_objects
+    from tokentrail.steer import batch_order
+    from zoo import tiny_causal_lm
+
+    assert batch_order([[1, 2], [3], [4, 5], [6]], 8, equal_lengths=True) == [[1, 3], [0, 2]]
+    loaded = from_objects(tiny_causal_lm("roberta"), tiny_tokenizer, name="roberta")
+    assert loaded.parts.padding != "left"
+    encoded = encode_prompts(loaded, PROMPTS)
+    together = generate(loaded, encoded, max_new_tokens=3, batch_size=8, stop_at_newline=False)
+    alone = generate(loaded, encoded, max_new_tokens=3, batch_size=1, stop_at_newline=False)
+    assert together.token_ids == alone.token_ids

@@ -353,7 +353,18 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "run_bytes": sum(p.stat().st_size for p in files),
         "updated": run.get("updated"),
         "last_trace": run.get("last_trace"),
+        # What the load-time self-check proved when the model was last loaded for this run (None: skipped, or
+        # nothing needed tracing since).
+        "self_check": _self_check_summary(run.get("self_check")),
     }
+
+
+def _self_check_summary(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "not run (--no-self-check, or no model was loaded)"
+    return (f"passed: {report['padding']} padding, final norm {report.get('final_norm') or 'none'}, head "
+            f"{report['head']}, largest state error {report['max_state_error']:.1e}, "
+            f"{report['forward_passes']} forward passes in {report['seconds']:.2f} s")
 
 
 

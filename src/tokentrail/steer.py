@@ -338,10 +338,22 @@ def encode_prompts(loaded: LoadedModel, texts: Sequence[str], chat: bool = False
     return Tracer(loaded, TraceOptions(chat=chat)).encode(list(texts))
 
 
-def batch_order(encoded: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Length-sorted batches: little padding, and the same batches for every condition of an experiment."""
+def batch_order(encoded: Sequence[Sequence[int]], batch_size: int, equal_lengths: bool = False) -> list[list[int]]:
+    """Length-sorted batches: little padding, and the same batches for every condition of an experiment.
+
+    `equal_lengths` puts only prompts of equal length together: for models whose load-time self-check found
+    that left padding changes their states (recurrent models, positions counted from a padding index).
+    """
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if not equal_lengths:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and len(encoded[batches[-1][0]]) == len(encoded[index]):
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @torch.inference_mode()
@@ -400,7 +412,7 @@ def _generate(
     texts = [""] * n
     logits_out: list[np.ndarray | None] = [None] * n
     states: np.ndarray | None = None
-    for batch in batch_order(encoded, batch_size):
+    for batch in batch_order(encoded, batch_size, equal_lengths=loaded.parts.padding != "left"):
         width = max(len(encoded[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
