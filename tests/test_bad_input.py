@@ -174,7 +174,8 @@ def test_unknown_architecture(work, tiny_model_dir, capsys, monkeypatch):
     before = snapshot(work)
     fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),
           "error: unsupported architecture LlamaForCausalLM: looked for a ModuleList of 320 decoder blocks (the "
-          "config's layer count); none found")
+          "config's layer count); none found, only model.layers (3): blocks reused across the depth (looped "
+          "layers) cannot be traced")
     assert snapshot(work) == before
 
 

@@ -462,9 +462,13 @@ def find_parts(model: nn.Module) -> ModelParts:
             "unembedding matrix, so there is no logit readout to trace"
         )
     if not candidates:
+        # Lists shorter than the depth mean blocks reused across it (looped models such as HRM): refused, since
+        # one block's states would overwrite each other.
+        found = ", ".join(f"{name} ({len(module)})" for name, module in lists[:3])
         raise ArchitectureError(
             f"unsupported architecture {type(model).__name__}: looked for a ModuleList of {n_layers} decoder blocks "
-            "(the config's layer count); none found"
+            f"(the config's layer count); none found"
+            + (f", only {found}: blocks reused across the depth (looped layers) cannot be traced" if found else "")
         )
     blocks_path, blocks = candidates[0]
     parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
