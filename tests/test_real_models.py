@@ -65,3 +65,13 @@ def test_smollm2_every_layer_matches_output_hidden_states(embedded):
 @pytest.mark.slow
 def test_gemma3_every_layer_matches_output_hidden_states(gemma):
     _check_every_layer(gemma)
+
+
+@pytest.mark.slow
+def test_half_precision_loads_pass_the_self_check():
+    """bfloat16 and float16 run other kernels batched than alone; the check must tell that from a real fault."""
+    from tokentrail.models import load_model
+
+    for dtype in ("bfloat16", "float16"):
+        check = load_model("default", dtype=dtype).self_check
+        assert check["padding"] == "left" and check["max_state_error"] < 0.1, (dtype, check)

@@ -36,9 +36,9 @@ from tokentrail.models import LoadedModel, _Chain
 
 CHECK_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
 # Largest relative difference accepted, for states and for next-token log-probabilities alike: per token,
-# max |traced - reference| / max |reference|. Half precision runs other kernels batched than alone; a wrong
-# hook, norm or padding shows as a difference of order one either way.
-TOLERANCE = {"float32": 1e-3, "half": 5e-2}
+# max |traced - reference| / max |reference|. Half precision runs other kernels batched than alone (SmolLM2 in
+# bfloat16: 0.03 over 30 layers); a wrong hook, norm or padding shows as a difference of order one either way.
+TOLERANCE = {"float32": 1e-3, "half": 1e-1}
 
 
 @dataclass(frozen=True)
