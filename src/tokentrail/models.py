@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokentrail.errors import ArchitectureError, ModelLoadError
+from tokentrail.errors import ArchitectureError, ModelLoadError, first_line
 
 log = logging.getLogger("tokentrail")
 
@@ -262,6 +262,12 @@ class ModelParts:
     # How prompts of different lengths may share a forward pass: "left" or "right" padding, or "none" (only
     # prompts of equal length share one). Decided by the self-check; "none" is right for every causal model.
     padding: str = "left"
+    # Trailing shape of one token's residual state as the blocks pass it on: (H,) usually, (S, H) for models
+    # that carry S parallel streams (hyper-connections). States are stored flattened; the readout restores it.
+    stream_shape: tuple[int, ...] | None = None
+    # Blocks (1-based) a plain forward pass never runs, found by the self-check (Mllama's cross-attention layers
+    # without an image): the state after such a block is the state before it, exactly.
+    skipped_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.head is None:
@@ -278,13 +284,6 @@ class ModelParts:
     @property
     def vocab_size(self) -> int:
         return int(self.unembed.weight.shape[0])
-
-    # Trailing shape of one token's residual state as the blocks pass it on: (H,) usually, (S, H) for models
-    # that carry S parallel streams (hyper-connections). States are stored flattened; the readout restores it.
-    stream_shape: tuple[int, ...] | None = None
-    # Blocks (1-based) a plain forward pass never runs, found by the self-check (Mllama's cross-attention layers
-    # without an image): the state after such a block is the state before it, exactly.
-    skipped_blocks: tuple[int, ...] = ()
 
     @property
     def final_capture(self) -> nn.Module | None:
@@ -388,6 +387,27 @@ def _readout_scalings(model: nn.Module, text_config: Any) -> dict[str, Any]:
     return found
 
 
+def contains(owner: nn.Module, module: nn.Module) -> bool:
+    return any(inner is module for inner in owner.modules())
+
+
+def modules_around_blocks(model: nn.Module, blocks_path: str, include_model: bool = True,
+                          ) -> list[tuple[str, nn.Module]]:
+    """Children of the block list's parent and of each ancestor above it (the model's own with `include_model`),
+    except those holding the blocks: where a final norm, or a stream collapse before it, lives."""
+    first_block = model.get_submodule(blocks_path)[0]
+    path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
+    found: list[tuple[str, nn.Module]] = []
+    while True:
+        if path or include_model:
+            owner = model.get_submodule(path) if path else model
+            found += [(f"{path}.{name}" if path else name, child) for name, child in owner.named_children()
+                      if not contains(child, first_block)]
+        if not path:
+            return found
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+
+
 class _Chain:
     """Modules applied one after another; a plain callable, so the user's model gains no submodule."""
 
@@ -411,11 +431,11 @@ def _head_candidates(model: nn.Module, unembed: nn.Module, first_block: nn.Modul
     top_name = unembed_path.split(".")[0]
     top = getattr(model, top_name, None) if top_name else None
     found: list[tuple[str, Any]] = []
-    if isinstance(top, nn.Module) and _module_path(top, first_block) is None:
+    if isinstance(top, nn.Module) and not contains(top, first_block):
         found.append((top_name, top))
     if unembed_path and unembed_path != top_name:
         found.append((unembed_path, unembed))
-    others = [(name, child) for name, child in model.named_children() if _module_path(child, first_block) is None]
+    others = [(name, child) for name, child in model.named_children() if not contains(child, first_block)]
     if len(others) > 1 and any(child is top for _, child in others):
         found.append(("+".join(name for name, _ in others), _Chain([child for _, child in others])))
     if not found:
@@ -488,15 +508,10 @@ def find_parts(model: nn.Module) -> ModelParts:
             norms.append((f"{parent_path}.{norm_name}" if parent_path else norm_name, norm))
     # Any other norm-like child of the blocks' parent (LFM2 calls its final norm `embedding_norm`) or of its
     # ancestors (RoBERTa-PreLayerNorm keeps it beside the encoder), then none.
-    ancestors = [parent_path]
-    while ancestors[-1]:
-        ancestors.append(ancestors[-1].rsplit(".", 1)[0] if "." in ancestors[-1] else "")
-    for path in ancestors:
-        owner = model.get_submodule(path) if path else model
-        for name, child in owner.named_children():
-            if ("norm" in name.lower() and all(child is not known for _, known in norms)
-                    and not isinstance(child, nn.ModuleList) and _module_path(child, blocks[0]) is None):
-                norms.append((f"{path}.{name}" if path else name, child))
+    for path, child in modules_around_blocks(model, blocks_path):
+        if ("norm" in path.rsplit(".", 1)[-1].lower() and all(child is not known for _, known in norms)
+                and not isinstance(child, nn.ModuleList)):
+            norms.append((path, child))
     norms.append(("", None))
     final_norm_path, final_norm = norms[0]
     candidates_heads = _head_candidates(model, unembed, blocks[0])
@@ -825,11 +840,9 @@ def load_model(
             raise ModelLoadError(
                 f"model {spec!r} asks for custom code; re-run with --trust-remote-code only if you trust its author"
             ) from None
-        first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load model {spec!r}: {first_line}") from None
+        raise ModelLoadError(f"could not load model {spec!r}: {first_line(exc)}") from None
     except (OSError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load model {spec!r}: {first_line}") from None
+        raise ModelLoadError(f"could not load model {spec!r}: {first_line(exc)}") from None
     _refuse_incomplete_load(spec, loading_info)
     model.eval()
     if not device_map:

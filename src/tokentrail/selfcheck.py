@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokentrail.errors import ArchitectureError, TokentrailError
-from tokentrail.models import LoadedModel, _Chain
+from tokentrail.errors import ArchitectureError, TokentrailError, first_line
+from tokentrail.models import LoadedModel, _Chain, modules_around_blocks
 
 CHECK_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
 # Largest relative difference accepted, for states and for next-token log-probabilities alike: per token,
@@ -72,26 +72,6 @@ def _relative(traced: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.max(np.abs(traced - reference), axis=-1) / scale))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _after_blocks_candidates(loaded: LoadedModel) -> list[tuple[str, torch.nn.Module]]:
-    """Children of the blocks' parent and of its ancestors below the model itself, except the block list's
-    containers: where the final norm, or a stream collapse before it, lives."""
-    parts = loaded.parts
-    path = parts.blocks_path.rsplit(".", 1)[0] if "." in parts.blocks_path else ""
-    found = []
-    while path:
-        owner = loaded.model.get_submodule(path)
-        for name, child in owner.named_children():
-            if not any(module is parts.blocks[0] for module in child.modules()):
-                found.append((f"{path}.{name}", child))
-        path = path.rsplit(".", 1)[0] if "." in path else ""
-    return found
-
-
 @dataclass
 class _Reference:
     """The model's own plain forward pass of the long prompt alone: input ids only, as a user would call it."""
@@ -123,7 +103,9 @@ def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
         kwargs["logits_to_keep"] = 1  # only the next-token logits are compared
     input_ids = torch.tensor([ids], device=device)
     handles = [block.register_forward_hook(record(number, "")) for number, block in enumerate(parts.blocks, 1)]
-    handles += [module.register_forward_hook(record(0, path)) for path, module in _after_blocks_candidates(loaded)]
+    # Below the model itself: its own children are the head and the base model, not what follows the blocks.
+    around = modules_around_blocks(loaded.model, parts.blocks_path, include_model=False)
+    handles += [module.register_forward_hook(record(0, path)) for path, module in around]
     try:
         output = loaded.model(input_ids=input_ids, **kwargs)
     finally:
@@ -180,7 +162,7 @@ def _traced(loaded: LoadedModel, encoded: list[list[int]], padding: str) -> tupl
     except TokentrailError as exc:  # a block that did not run once, a final norm that never ran
         return {"error": str(exc).split(": ", 1)[-1]}, tracer.n_forward_passes
     except Exception as exc:  # noqa: BLE001 - the model's own forward failed on this batch: in one line
-        return {"error": _first_line(exc)}, tracer.n_forward_passes
+        return {"error": first_line(exc)}, tracer.n_forward_passes
 
 
 def _state_mismatch(arrays: dict[str, Any], reference: _Reference, parts: Any, prefix: int, tolerance: float,
@@ -325,7 +307,7 @@ def self_check(loaded: LoadedModel) -> SelfCheckReport:
         message = str(exc)
         raise ArchitectureError(message if message.startswith(loaded.name) else f"{loaded.name}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward is a refusal, in one line
-        raise ArchitectureError(f"{loaded.name}: self-check failed: {_first_line(exc)}") from None
+        raise ArchitectureError(f"{loaded.name}: self-check failed: {first_line(exc)}") from None
     # The most telling failure: one about the blocks, not about a final-norm candidate.
     telling = ([failure for failure in failures if "final" not in failure]
                or [failure for failure in failures if "ran 0 times" not in failure] or failures)

@@ -496,11 +496,11 @@ class Tracer:
         otherwise take more memory than the forward pass itself.
         """
         parts = self.loaded.parts
+        # Where and in which dtype the readout runs: the final norm's, or the unembedding's without one.
         norm_param = next(parts.final_capture.parameters(), None) if parts.final_capture is not None else None
         if norm_param is None:
             norm_param = parts.unembed.weight
-        device = norm_param.device if norm_param is not None else layers.device
-        dtype = norm_param.dtype if norm_param is not None else layers.dtype
+        device, dtype = norm_param.device, norm_param.dtype
         n, depth, hidden = layers.shape
         flat = layers.reshape(n * depth, hidden)
         vocab = int(parts.unembed.weight.shape[0])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from tokentrail.engines.local import TraceReport, progress_bar
-from tokentrail.errors import TokentrailError
+from tokentrail.errors import TokentrailError, first_line
 from tokentrail.store import TraceStore
 from tokentrail.trace import TraceOptions
 
@@ -111,8 +111,7 @@ def _unwrap(ray, exc: BaseException) -> TokentrailError:
             "rerun the same command to resume"
         )
     detail = cause if cause is not None else exc
-    first = str(detail).strip().splitlines()[0] if str(detail).strip() else type(detail).__name__
-    return TokentrailError(f"a Ray worker failed: {type(detail).__name__}: {first}; rerun to resume")
+    return TokentrailError(f"a Ray worker failed: {type(detail).__name__}: {first_line(detail)}; rerun to resume")
 
 
 def trace_into_store_ray(
