@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,10 +233,21 @@ def test_file_outside_a_hub_cache_is_hashed(tmp_path):
 
 # --- stores refuse what changed ------------------------------------------------------------------------------
 
+def holding_one_trace(store: TraceStore) -> TraceStore:
+    """The store with one traced prompt in it: an empty store has nothing to protect and takes any model."""
+    from tokentrail.trace import Trace
+
+    store.add(Trace(prompt_ids=["p"], prompts=["p"], categories=["c"], labels=[""],
+                    states=np.zeros((1, 2, 3), np.float32), final_states=np.zeros((1, 3), np.float32),
+                    token_ids=[np.array([1])], tokens=[["p"]], next_token_ids=np.zeros((1, 1), np.int64),
+                    next_token_probs=np.ones((1, 1), np.float32), next_tokens=[["q"]]))
+    return store
+
+
 def test_store_names_the_changed_part(tmp_path):
     fp = {"name": "m", "kind": "dir", "weights_sha256": "w", "config_sha256": "c", "tokenizer_sha256": "t",
           "dtype": "float32"}
-    TraceStore.open(tmp_path / "s", model=fp, options={})
+    holding_one_trace(TraceStore.open(tmp_path / "s", model=fp, options={}))
     assert TraceStore.open(tmp_path / "s", model=dict(fp), options={}).header["model"] == fp
     with pytest.raises(StoreError, match=r"^\S+ holds traces of model 'm' made with another tokenizer; refusing to "
                                          r"mix them: use a new --out directory$"):
@@ -246,7 +258,7 @@ def test_store_names_the_changed_part(tmp_path):
 
 def test_store_without_the_new_fields_is_refused(tmp_path):
     old = {"name": "m", "kind": "dir", "weights_sha256": "w", "dtype": "float32"}
-    TraceStore.open(tmp_path / "s", model=old, options={})
+    holding_one_trace(TraceStore.open(tmp_path / "s", model=old, options={}))
     with pytest.raises(StoreError) as caught:
         TraceStore.open(tmp_path / "s", model={**old, "config_sha256": "c", "tokenizer_sha256": "t"}, options={})
     assert str(caught.value) == (
@@ -274,3 +286,28 @@ def test_cli_refuses_a_store_traced_with_another_chat_template(tmp_path):
         "mix them: use a new --out directory"
     )]
     assert snapshot(tmp_path / "run") == before
+
+
+def test_an_empty_store_takes_another_model(tmp_path):
+    """A store left without traces (a model that failed to load after it was made, a run stopped before its first
+    shard) blocks no one: it takes the next model and options; one with a trace refuses them."""
+    fp = {"name": "m", "kind": "dir", "weights_sha256": "w", "config_sha256": "c", "tokenizer_sha256": "t",
+          "dtype": "float32"}
+    other = {**fp, "name": "n", "weights_sha256": "w2"}
+    TraceStore.open(tmp_path / "s", model=fp, options={"top_k": 5})
+    taken = TraceStore.open(tmp_path / "s", model=other, options={"top_k": 3})
+    assert taken.header["model"] == other and taken.header["options"] == {"top_k": 3}
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["model"] == other
+    holding_one_trace(taken)
+    with pytest.raises(StoreError, match="holds traces of model 'n'"):
+        TraceStore.open(tmp_path / "s", model=fp, options={"top_k": 3})
+
+
+def test_a_writer_never_adds_to_a_store_another_model_took(tmp_path):
+    fp = {"name": "m", "kind": "dir", "weights_sha256": "w", "dtype": "float32"}
+    first = TraceStore.open(tmp_path / "s", model=fp, options={})
+    TraceStore.open(tmp_path / "s", model={**fp, "weights_sha256": "w2"}, options={})  # meanwhile, elsewhere
+    with pytest.raises(StoreError, match="was taken for another model or other options while this run was tracing"):
+        holding_one_trace(first)
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["shards"] == {}
+    assert list((tmp_path / "s" / "shards").iterdir()) == []

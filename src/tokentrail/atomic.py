@@ -13,13 +13,32 @@ from typing import Any
 from tokentrail.errors import StoreError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux), so threads never race."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    The file gets the permissions an ordinary `open(path, "w")` would give (0666 less the umask, so usually
+    0644): mkstemp's private 0600 would hide results from the colleagues a run directory is shared with.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(handle, "wb") as tmp:
+            os.fchmod(tmp.fileno(), 0o666 & ~current_umask())
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -27,11 +46,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(
-                f"disk full while writing {path}; nothing stored was changed: free space and rerun to resume"
-            ) from None
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
+
+
+def write_error(path: Path, exc: OSError) -> StoreError:
+    """One line for an OS error while writing `path`: what is wrong with the place, not errno jargon."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"disk full while writing {path}; nothing stored was changed: free space and rerun to resume")
+    if path.is_dir():
+        return StoreError(f"cannot write {path}: it is a directory; give a file path")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return StoreError(f"cannot write {path}: {blocking} is a file, not a directory")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"cannot write {path}: {exc.strerror.lower()}; choose a directory you can write to")
+    return StoreError(f"cannot write {path}: {(exc.strerror or type(exc).__name__).lower()}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

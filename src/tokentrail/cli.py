@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tokentrail import __version__
-from tokentrail.errors import TokentrailError
+from tokentrail.errors import TokentrailError, first_line
+from tokentrail.terminal import SafeConsole, VisibleFormatter, visible, warning_text
 
 app = typer.Typer(
     name="tokentrail",
@@ -24,8 +23,9 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
+# Every line tokentrail prints goes through these: user text is shown, never read as markup or terminal control.
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 DEFAULT_OUT = Path("tokentrail-out")
 INTERRUPTED = "interrupted; rerun the same command to resume (traced shards are kept)"
@@ -64,13 +64,13 @@ LayersOpt = Annotated[
     str | None, typer.Option("--layers", help="Layers to project: all, a:b (python slice, L = last block), or 0,5,10.")
 ]
 FinalOpt = Annotated[bool | None, typer.Option("--include-final/--no-include-final", help="Add the final-normed state.")]
-ComponentsOpt = Annotated[int | None, typer.Option("--components", help="PCA components (2 or 3).")]
+ComponentsOpt = Annotated[int | None, typer.Option("--components", help="PCA components: 2 or 3.")]
 NormalizeOpt = Annotated[str | None, typer.Option("--normalize", help="none, rms or unit.")]
 CenterOpt = Annotated[str | None, typer.Option("--center", help="global or per-layer.")]
 FitOnOpt = Annotated[str | None, typer.Option("--fit-on", help="Comma-separated categories to fit the PCA on.")]
 AxisOpt = Annotated[str | None, typer.Option("--axis", help="Two categories A,B: axis score 0 at A, 1 at B.")]
 SustainOpt = Annotated[int | None, typer.Option("--sustain", help="Layers a prompt must stay outside its category.")]
-PermOpt = Annotated[int | None, typer.Option("--permutations", help="Label permutations for p-values.")]
+PermOpt = Annotated[int | None, typer.Option("--permutations", help="Label permutations for p-values (at least 1).")]
 FpsOpt = Annotated[float, typer.Option("--fps", help="Frames per second of the layer-by-layer GIF.")]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `tokentrail run` or `trace`.")]
 
@@ -97,14 +97,69 @@ def _batch_size(value: str) -> int | None:
     return count
 
 
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    """Refuse an out directory that cannot be one, before any work: a file, or a place this user cannot write."""
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise TokentrailError(f"{option} {path} {what}, not a directory; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TokentrailError(f"{option} {path}: {existing} is not writable by you; choose another {option}")
+    return path
+
+
+def _out_file(path: Path, option: str = "--to") -> Path:
+    """Refuse a target file that cannot be written, before any work: a directory, a parent that is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise TokentrailError(f"{option} {path} is a directory; give a file path")
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise TokentrailError(f"{option} {path} cannot be written: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TokentrailError(f"{option} {path} cannot be written: {existing} is not writable by you")
+    return path
+
+
+def _fps(fps: float) -> float:
+    from tokentrail.viz.animate import MAX_FPS, frame_duration_ms
+
+    try:
+        frame_duration_ms(fps)
+    except ValueError:
+        raise TokentrailError(f"--fps must be more than 0 and at most {MAX_FPS:g} frames per second, got {fps:g}") from None
+    return fps
+
+
+def _components(components: int | None) -> int | None:
+    if components is not None and components not in (2, 3):
+        raise TokentrailError(f"--components must be 2 or 3 (the figures draw 2-D and 3-D projections), got {components}")
+    return components
+
+
+def _permutations(value: int | None, option: str = "--permutations") -> int | None:
+    # Every command that takes permutations reports a permutation p-value; with none, p would be 1 by
+    # construction, a number that looks like a result and is not one.
+    if value is not None and value < 1:
+        raise TokentrailError(f"{option} must be at least 1 (the p-value is at least 1/({option[2:]} + 1)), got {value}")
+    return value
+
+
 def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
            top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
-           ray_address=None, self_check=True):
+           ray_address=None, self_check=True, prompt_set=None):
     from tokentrail.prompts import resolve_prompts
     from tokentrail.runs import BatchSettings, EngineSettings, trace_run
     from tokentrail.trace import TraceOptions, parse_position
 
-    prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
+    if prompt_set is None:
+        prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
+    _out_dir(out_dir)
     parse_position(position)
     options = TraceOptions(position=position, chat=chat, top_k=top_k, logit_lens=logit_lens, truncate=truncate)
     if shard_size < 1:
@@ -116,7 +171,7 @@ def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_co
     outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_count, shard_size),
                         show_progress=not quiet, engine=EngineSettings(engine, workers, ray_address))
     for problem in outcome.report.problems:
-        err.print(f"[yellow]warning:[/] {problem}")
+        err.print(warning_text(problem))
     report = outcome.report
     err.print(
         f"traced {report.traced} prompt(s) in {report.forward_passes} forward pass(es), "
@@ -191,20 +246,28 @@ def run(
     fps: FpsOpt = 4.0,
 ) -> None:
     """Trace what is missing, then run every analysis and figure, and say where the results are."""
+    from tokentrail.prompts import resolve_prompts
     from tokentrail.runs import report_run
 
+    # Every option is checked before the model loads: a typo in an analysis option must not cost a trace.
+    prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
+    _out_dir(out_dir)
+    _fps(fps)
+    options = _analysis_options(out_dir, prompt_set.categories, layers, include_final, components, normalize,
+                                center, fit_on, axis, sustain, permutations)
     outcome = _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat,
                      position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers,
-                     ray_address, self_check)
+                     ray_address, self_check, prompt_set)
     trace_result = outcome.trace
     table = Table(title="next token per prompt", show_lines=False)
     for column in ("id", "category", "prompt", "top-1", "p"):
         table.add_column(column)
     for i in range(len(trace_result)):
-        table.add_row(trace_result.prompt_ids[i], trace_result.categories[i], trace_result.prompts[i][:50],
-                      repr(trace_result.next_tokens[i][0]), f"{trace_result.next_token_probs[i][0]:.3f}")
+        table.add_row(visible(trace_result.prompt_ids[i]), visible(trace_result.categories[i]),
+                      visible(trace_result.prompts[i][:50]), repr(trace_result.next_tokens[i][0]),
+                      f"{trace_result.next_token_probs[i][0]:.3f}")
     out.print(table)
-    _analysis(out_dir, layers, include_final, components, normalize, center, fit_on, axis, sustain, permutations)
+    _analysis(out_dir, options)
     report_path = report_run(out_dir, fps=fps)
     out.print(f"figures: {out_dir / 'figures'}")
     out.print(f"report: {report_path}")
@@ -215,22 +278,35 @@ def _split(value: str | None) -> list[str] | None:
     return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _analysis(run_dir: Path, layers, include_final, components, normalize, center, fit_on, axis, sustain,
-              permutations):
-    from tokentrail.runs import analysis_options, analyze_run, read_run
+def _analysis_options(run_dir: Path, categories: list[str] | None, layers, include_final, components, normalize,
+                      center, fit_on, axis, sustain, permutations):
+    """The analysis options (the run's saved ones with these on top), checked against `categories` if given."""
+    from tokentrail.runs import RUN_FILE, analysis_options, read_run
 
     axis_pair = _split(axis)
     if axis_pair is not None and len(axis_pair) != 2:
         raise TokentrailError(f"--axis needs two categories A,B, got {axis!r}")
+    run = read_run(run_dir) if (Path(run_dir) / RUN_FILE).is_file() else {}
     options = analysis_options(
-        read_run(run_dir), layers=layers, include_final=include_final, n_components=components,
+        run, layers=layers, include_final=include_final, n_components=_components(components),
         normalize=normalize, center=center, fit_on=_split(fit_on), axis=axis_pair, sustain=sustain,
-        n_permutations=permutations,
+        n_permutations=_permutations(permutations),
     )
+    if categories is not None:
+        try:
+            options.validate(categories)
+        except ValueError as exc:
+            raise TokentrailError(f"cannot analyse {run_dir}: {exc}") from None
+    return options
+
+
+def _analysis(run_dir: Path, options):
+    from tokentrail.runs import analyze_run
+
     result, _ = analyze_run(run_dir, options)
     summary = result.summary
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(warning_text(warning))
     best = summary.get("best_separation_layer")
     if best is not None:
         out.print(
@@ -258,7 +334,11 @@ def analyze(
     permutations: PermOpt = None,
 ) -> None:
     """Recompute projection, dynamics, separation, bifurcations and transport from the store (no model)."""
-    _analysis(run_dir, layers, include_final, components, normalize, center, fit_on, axis, sustain, permutations)
+    from tokentrail.runs import read_run
+
+    read_run(run_dir)  # a directory that is not a run is refused as such, before any option
+    _analysis(run_dir, _analysis_options(run_dir, None, layers, include_final, components, normalize, center,
+                                         fit_on, axis, sustain, permutations))
 
 
 @app.command(epilog="Example: `tokentrail plot tokentrail-out --fps 6`")
@@ -266,7 +346,7 @@ def plot(run_dir: RunDirArg, fps: FpsOpt = 4.0) -> None:
     """Redraw every figure of a run from its store."""
     from tokentrail.runs import plot_run
 
-    figures = plot_run(run_dir, fps=fps)
+    figures = plot_run(run_dir, fps=_fps(fps))
     for name, paths in figures.items():
         out.print(f"{name}: {', '.join(str(p) for p in paths)}")
 
@@ -276,7 +356,7 @@ def report(run_dir: RunDirArg, fps: FpsOpt = 4.0) -> None:
     """Write RUN_DIR/report.html: settings, figures, tables and prompts on one offline page."""
     from tokentrail.runs import report_run
 
-    out.print(f"report: {report_run(run_dir, fps=fps)}")
+    out.print(f"report: {report_run(run_dir, fps=_fps(fps))}")
 
 
 @app.command(epilog="Example: `tokentrail bifurcation runs/spectrum --prompt spectrum-15`")
@@ -343,6 +423,9 @@ def compare(
 
     if len(run_dirs) < 2:
         raise TokentrailError("compare needs at least two run directories")
+    _permutations(permutations)
+    _permutations(cka_permutations, "--cka-permutations")
+    _out_dir(out_dir)
     axes = None
     if axis:
         axes = []
@@ -355,7 +438,7 @@ def compare(
         sustain=sustain, knn_k=knn_k, permutations=permutations, cka_permutations=cka_permutations,
         cka_standardize=cka_standardize, top_prompts=top, axes=axes, middle=middle))
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(warning_text(warning))
     for sentence in verdict_sentences([v for v in result.ordering_verdicts if v["at"] == "last layer"]):
         out.print(sentence)
     out.print(f"report: {result.report}")
@@ -398,6 +481,7 @@ def steer(
     from tokentrail.steer import run_steering
 
     settings = _model_settings(model, revision, dtype, device, trust_remote_code, None, self_check)
+    _out_dir(out_dir)
     result = run_steering(
         out_dir, settings, layers=_numbers(layers, int, "--layers"), alphas=_numbers(alphas, float, "--alphas"),
         n_problems=problems, seed=seed, source=source, target=target, position=position, method=method,
@@ -408,7 +492,7 @@ def steer(
     try:
         out.print(f"report: {report_run(out_dir)}")
     except TokentrailError as exc:
-        err.print(f"[yellow]warning:[/] report not written: {exc}")
+        err.print(warning_text(f"report not written: {exc}"))
 
 
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")
@@ -419,6 +503,7 @@ def export(
     """Write a run's arrays to an .npz that loads with `np.load(path, allow_pickle=False)`."""
     from tokentrail.runs import export_arrays, projection_arrays, write_export
 
+    _out_file(to)
     trace_result, extra = projection_arrays(run_dir)
     path = write_export(to, export_arrays(trace_result, extra))
     out.print(f"wrote {path}")
@@ -439,8 +524,10 @@ def project(
     """PCA of every trajectory, fitted shard by shard: for stores too big for `analyze` to load."""
     from tokentrail.runs import analysis_options, project_run, read_run
 
+    if to is not None:
+        _out_file(to)
     options = analysis_options(read_run(run_dir), layers=layers, include_final=include_final,
-                               n_components=components, normalize=normalize, center=center, fit_on=_split(fit_on))
+                               n_components=_components(components), normalize=normalize, center=center, fit_on=_split(fit_on))
     path, arrays = project_run(run_dir, options, to=to, batch_prompts=batch_prompts)
     evr = ", ".join(f"{v:.3f}" for v in arrays["explained_variance_ratio"])
     shape = " x ".join(str(n) for n in arrays["projection"].shape)
@@ -523,9 +610,34 @@ def _quiet_libraries() -> None:
     logger = logging.getLogger("tokentrail")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(VisibleFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+# Typer ships its own copy of click, so click's own exception classes never match what it raises: take the base
+# class of its usage errors from the exception Typer exports.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error(exc: Exception) -> int:
+    """A usage error in Typer's usual plain style (usage line, help hint, `Error: ...`), user text inert."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        print(visible(ctx.get_usage()), file=sys.stderr)
+        if ctx.command.get_help_option(ctx) is not None:
+            print(visible(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help."), file=sys.stderr)
+        print(file=sys.stderr)
+    print(f"Error: {visible(exc.format_message())}", file=sys.stderr)
+    code = getattr(exc, "exit_code", 2)
+    return 2 if code == 1 else code  # a bad value or option given is always the caller's to fix: exit 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OS error that no writer turned into a TokentrailError: on reading a path the user gave."""
+    where = exc.filename if exc.filename is not None else ""
+    reason = (exc.strerror or first_line(exc)).lower()
+    return f"{where}: {reason}" if where else reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -538,27 +650,30 @@ def main(argv: list[str] | None = None) -> int:
         if code == 130:  # Typer turns Ctrl-C into this exit code when it is not the one to exit
             err.print(INTERRUPTED)
         return code if isinstance(code, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err.print(INTERRUPTED)
-        return 130
-    except KeyboardInterrupt:
+    except _ClickException as exc:
+        if debug:
+            raise
+        return _usage_error(exc)
+    except (typer.Abort, KeyboardInterrupt):
         err.print(INTERRUPTED)
         return 130
     except TokentrailError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {visible(first_line(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"error: {visible(_os_error(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(f"error: unexpected {type(exc).__name__}: {visible(first_line(exc))} (rerun with --debug for details)",
+              file=sys.stderr)
         return 1
 
 

@@ -283,7 +283,9 @@ class ModelParts:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.unembed.weight.shape[0])
+        """Tokens the readout can name: the unembedding's rows, less any padding rows past `vocab_limit`."""
+        rows = int(self.unembed.weight.shape[0])
+        return rows if self.vocab_limit is None else min(rows, int(self.vocab_limit))
 
     @property
     def final_capture(self) -> nn.Module | None:
@@ -618,12 +620,26 @@ def resolve_source(spec: str, revision: str | None = None) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {spec!r} not found; check the path")
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{spec!r} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                                 "check that it is the model you meant and that it downloaded completely")
         return ModelSource("gguf", path.stem, str(path.resolve()), revision, (path.resolve(),))
     if path.is_dir():
         weights = tuple(sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES))
         if not (path / "config.json").exists():
             raise ModelLoadError(f"directory {spec!r} has no config.json; point --model at a saved HF model folder")
+        if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") for p in weights):
+            raise ModelLoadError(f"directory {spec!r} has a config.json but no weights (*.safetensors or *.bin); "
+                                 "a config alone would give a randomly initialised model: save the weights beside it")
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelLoadError(f"directory {spec!r} has no tokenizer files (tokenizer.json, tokenizer.model, "
+                                 "vocab.json, ...); save the model's tokenizer beside its weights")
         return ModelSource("dir", path.resolve().name, str(path.resolve()), revision, weights)
+    if path.exists():
+        raise ModelLoadError(f"{spec!r} is neither a model directory nor a .gguf file; --model takes default, an "
+                             "embedded model name, a .gguf file, a saved HF model folder or a hub id")
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1
     if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", spec):
         raise ModelLoadError(
@@ -764,8 +780,12 @@ def _dequantize_to_cache(source: ModelSource, cache_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(source.location)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - the GGUF reader fails in many ways on a damaged file: one line
+        raise ModelLoadError(f"{gguf}: cannot read this GGUF file ({first_line(exc)}); it is truncated, damaged or "
+                             "of an architecture transformers cannot read: download it again") from None
     staging = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-loaded models; the config minus its quantization block plus plain
@@ -820,9 +840,10 @@ def load_model(
     if source.kind == "gguf":
         folder = _gguf_cache_dir(source, fp)
         if not (folder / "model.safetensors").exists():
-            log.info("dequantizing %s once into %s (later loads read this cache)", source.location, folder)
-            notes.append(f"dequantized {source.location} once into {folder}")
+            # Said after the work, so that a damaged file's error stays the only line.
             _dequantize_to_cache(source, folder)
+            log.info("dequantized %s once into %s (later loads read this cache)", source.location, folder)
+            notes.append(f"dequantized {source.location} once into {folder}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if source.kind == "hub":
         kwargs["revision"] = revision
@@ -841,7 +862,10 @@ def load_model(
                 f"model {spec!r} asks for custom code; re-run with --trust-remote-code only if you trust its author"
             ) from None
         raise ModelLoadError(f"could not load model {spec!r}: {first_line(exc)}") from None
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, RuntimeError, a damaged weights file: always one line
+        if "safetensor" in type(exc).__name__.lower():
+            raise ModelLoadError(f"model {spec!r}: a weights file is damaged or not safetensors "
+                                 f"({first_line(exc)}); save or download the weights again") from None
         raise ModelLoadError(f"could not load model {spec!r}: {first_line(exc)}") from None
     _refuse_incomplete_load(spec, loading_info)
     model.eval()

@@ -152,6 +152,13 @@ def trace_run(
         raise TokentrailError(f"unknown engine {engine.engine!r}; use local or ray")
     if engine.engine == "ray" and isinstance(model, LoadedModel):
         raise TokentrailError("the ray engine loads the model in each worker: pass model settings, not a loaded model")
+    if engine.engine == "local" and not (run_dir / "store" / "manifest.json").exists():
+        # A new store: every prompt needs the model, so load it first; one that fails to load (or a --top-k it
+        # cannot give) then leaves nothing behind in --out.
+        tracer = make_tracer()
+
+        def make_tracer() -> Tracer:
+            return tracer
     store = TraceStore.open(run_dir / "store", model=fp, options=options.to_dict())
     if engine.engine == "ray":
         from tokentrail.engines.ray import trace_into_store_ray
@@ -246,6 +253,18 @@ def export_arrays(trace: Trace, extra: dict[str, np.ndarray] | None = None) -> d
         "next_token_probs": trace.next_token_probs,
         "next_tokens": np.array(trace.next_tokens, dtype=str),
     }
+    # Every prompt's tokens, ragged: prompt i's are rows token_offsets[i]:token_offsets[i + 1] of the flat arrays.
+    offsets = np.zeros(len(trace) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(ids) for ids in trace.token_ids])
+    arrays["token_offsets"] = offsets
+    arrays["token_ids"] = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in trace.token_ids]) \
+        if len(trace) else np.zeros(0, dtype=np.int64)
+    arrays["tokens"] = np.array([token for tokens in trace.tokens for token in tokens], dtype=str)
+    if trace.token_states is not None:  # --position all: every token's state at every layer
+        lengths = [len(states) for states in trace.token_states]
+        if lengths != list(np.diff(offsets)):
+            raise TokentrailError("the store's token states do not match its token ids; trace the run again")
+        arrays["token_states"] = np.concatenate(trace.token_states).astype(np.float32, copy=False)  # [sum T_i, L+1, H]
     if trace.lens_token_ids is not None:
         arrays["lens_token_ids"] = trace.lens_token_ids
         arrays["lens_probs"] = trace.lens_probs

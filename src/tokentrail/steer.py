@@ -640,11 +640,14 @@ def _check_settings(alphas: Sequence[float], n_problems: int, position: str, met
 
 
 def _progress(show: bool, total: int) -> Any:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("[bold]steering[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+    from tokentrail.terminal import SafeConsole
+
+    # The description is shown as plain text, never parsed as markup.
+    progress = Progress(TextColumn("steering", style="bold"), TextColumn("{task.description}", markup=False),
+                        BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        console=SafeConsole(stderr=True),
                         disable=not show)
     return progress
 

@@ -73,8 +73,22 @@ class TraceStore:
             return cls._read(root)
         store = cls._read(root)
         if model is not None and options is not None:
+            if not store.shards and (store.header["model"], store.header["options"]) != (model, options):
+                store = cls._reheaded(root, model, options)
             store._check_compatible(model, options)
         return store
+
+    @classmethod
+    def _reheaded(cls, root: Path, model: dict[str, Any], options: dict[str, Any]) -> TraceStore:
+        """A store that holds no trace yet (its model failed to load, or the run stopped before its first shard)
+        takes the new model and options: there is nothing in it to mix, and the out directory stays usable."""
+        with cls(root=root, header={})._locked():
+            store = cls._read(root)
+            if not store.shards:
+                store.header = {"format": STORE_FORMAT, "tool_version": __version__, "model": model,
+                                "options": options}
+                atomic_write_json(root / "manifest.json", store._manifest())
+        return cls._read(root)
 
     @classmethod
     def _read(cls, root: Path) -> TraceStore:
@@ -341,6 +355,12 @@ class TraceStore:
         }
         with self._locked():
             fresh = TraceStore._read(self.root)
+            if (fresh.header["model"], fresh.header["options"]) != (self.header["model"], self.header["options"]):
+                # Another process took this (then empty) store for another model while this one traced.
+                with contextlib.suppress(OSError):
+                    (self.root / "shards" / name).unlink()
+                raise StoreError(f"{self.root} was taken for another model or other options while this run was "
+                                 "tracing; refusing to mix them: use a new --out directory")
             fresh.shards[name] = entry
             fresh.header.setdefault("n_layers", int(batch.states.shape[1] - 1))
             fresh.header.setdefault("hidden_size", int(batch.states.shape[2]))

@@ -205,7 +205,7 @@ def batch_cost(loaded: LoadedModel) -> BatchCost:
     config = loaded.model.config
     text = text_config_of(loaded.model)
     hidden = loaded.parts.hidden_size
-    vocab = loaded.parts.vocab_size
+    vocab = int(loaded.parts.unembed.weight.shape[0])  # the head computes every row, padding rows included
     intermediate = _largest(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff") or 4 * hidden
     heads = _largest(text, "num_attention_heads", "n_head", "n_heads") or 1
     param = next(loaded.model.parameters(), None)
@@ -287,6 +287,10 @@ class Tracer:
             raise TokentrailError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         self.loaded = loaded
         self.options = options or TraceOptions()
+        vocab = loaded.parts.vocab_size
+        if self.options.top_k > vocab:
+            raise TokentrailError(f"--top-k {self.options.top_k} is more than the model's vocabulary of {vocab} "
+                                  f"tokens; use at most {vocab}")
         self.position = parse_position(self.options.position)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens

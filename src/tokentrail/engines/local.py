@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokentrail.store import TraceStore
+from tokentrail.terminal import SafeConsole
 from tokentrail.trace import Tracer
 
 
@@ -36,13 +37,13 @@ class _RateColumn(TextColumn):
 
 def progress_bar(console: Console | None = None, disable: bool = False) -> Progress:
     return Progress(
-        TextColumn("[bold]tracing"),
+        TextColumn("tracing", style="bold"),
         BarColumn(),
         MofNCompleteColumn(),
         _RateColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        console=console or Console(stderr=True),
+        console=console or SafeConsole(stderr=True),
         transient=False,
         disable=disable,
     )

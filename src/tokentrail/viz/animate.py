@@ -5,6 +5,7 @@ Axes are fixed from the whole run so motion on screen is motion in the projectio
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 
+from tokentrail.atomic import atomic_write_bytes
 from tokentrail.viz import FigureMeta, category_styles, display_labels, final_layer_index
 from tokentrail.viz.static import figure_style, mpl_text
 
@@ -148,8 +150,9 @@ def trajectory_gif(result: Any, meta: FigureMeta, path: Path, fps: float = 4) ->
     images = [Image.fromarray(f).quantize(palette=reference, dither=Image.Dither.NONE) for f in frames]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     images[0].save(
-        path,
+        buffer,
         format="GIF",
         save_all=True,
         append_images=images[1:],
@@ -158,4 +161,5 @@ def trajectory_gif(result: Any, meta: FigureMeta, path: Path, fps: float = 4) ->
         optimize=False,
         disposal=1,
     )
+    atomic_write_bytes(path, buffer.getvalue())  # never half a GIF where the last good one was
     return path

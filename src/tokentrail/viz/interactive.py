@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
+from tokentrail.atomic import atomic_write_bytes, atomic_write_text
 from tokentrail.viz import (
     FigureMeta,
     category_styles,
@@ -201,12 +203,17 @@ def trajectories_html(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = trajectories_figure(result, meta, dims)
-    fig.write_html(
-        path,
+    page = fig.to_html(
         include_plotlyjs=include_plotlyjs,
         include_mathjax=False,
         full_html=True,
         config=plotly_config(),
         div_id=f"trajectories-{dims}d",
     )
+    if include_plotlyjs == "directory":  # the page loads plotly.min.js from beside it
+        bundle = path.parent / "plotly.min.js"
+        script = get_plotlyjs().encode("utf-8")
+        if not bundle.is_file() or bundle.read_bytes() != script:
+            atomic_write_bytes(bundle, script)
+    atomic_write_text(path, page)  # never half a page where the last good one was
     return path

@@ -12,6 +12,7 @@ text in the SVG (not outlined) so the figures stay searchable and small; matplot
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from tokentrail.atomic import atomic_write_bytes
 from tokentrail.viz import (
     OKABE_ITO,
     CategoryStyle,
@@ -92,9 +94,18 @@ def save_figure(fig: Figure, out_base: Path, dpi: int = PNG_DPI) -> list[Path]:
     # Appending (not with_suffix) keeps names such as "run.v2/trajectories" intact.
     png = out_base.parent / f"{out_base.name}.png"
     svg = out_base.parent / f"{out_base.name}.svg"
-    fig.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": "tokentrail"})
-    fig.savefig(svg, bbox_inches="tight", metadata={"Date": None, "Creator": "tokentrail"})
+    write_figure(fig, png, dpi=dpi, bbox_inches="tight", metadata={"Software": "tokentrail"})
+    write_figure(fig, svg, bbox_inches="tight", metadata={"Date": None, "Creator": "tokentrail"})
     return [png, svg]
+
+
+def write_figure(fig: Figure, path: Path, **savefig_kwargs: Any) -> Path:
+    """Render `fig` in memory, then write it atomically: a full disk or a killed process never leaves half an
+    image where the last good one was."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip("."), **savefig_kwargs)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def _variance_label(name: str, ratio: Any, i: int) -> str:

@@ -15,6 +15,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from tokentrail.viz.static import write_figure
+
 __all__ = ["draw_gain_heatmap", "plot_gain_heatmap"]
 
 PNG_DPI = 150
@@ -85,6 +87,6 @@ def plot_gain_heatmap(rows: Sequence[dict[str, Any]], out_base: Path, title: str
     png = out_base.parent / f"{out_base.name}.png"
     svg = out_base.parent / f"{out_base.name}.svg"
     with matplotlib.rc_context(_RC):
-        fig.savefig(png, dpi=PNG_DPI, metadata={"Software": "tokentrail"})
-        fig.savefig(svg, metadata={"Date": None, "Creator": "tokentrail"})
+        write_figure(fig, png, dpi=PNG_DPI, metadata={"Software": "tokentrail"})
+        write_figure(fig, svg, metadata={"Date": None, "Creator": "tokentrail"})
     return [png, svg]
