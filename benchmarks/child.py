@@ -9,6 +9,9 @@ to what it was), and a cold start has to start cold. `run.py` calls this file; i
     python benchmarks/child.py projection --prompts 100000 --layers 31 --hidden 576 --batch 1024
     python benchmarks/child.py make-store --out DIR --prompts 100000 --layers 31 --hidden 576 --batch 1024
     python benchmarks/child.py project-cli --run DIR
+    python benchmarks/child.py store-scale --out DIR --shards 10000 --per-shard 100 --layers 3 --hidden 32
+    python benchmarks/child.py store-open --store DIR/store
+    python benchmarks/child.py export-cli --run DIR --to FILE.npz
 """
 
 from __future__ import annotations
@@ -225,6 +228,74 @@ def project_cli(run_dir: str) -> None:
           "peak_rss_bytes": peak_bytes(), "peak_reset": resettable})
 
 
+def store_scale(out_dir: str, n_shards: int, per_shard: int, n_layers: int, hidden: int) -> None:
+    """A store of `n_shards` shards of `per_shard` synthetic prompts written through `TraceStore.add`, timing
+    every commit, plus a run.json naming every prompt so that CLI commands read it as a user's run."""
+    import numpy as np
+
+    from tokentrail.atomic import atomic_write_json
+    from tokentrail.store import TraceStore
+    from tokentrail.trace import Trace, TraceOptions
+
+    options = TraceOptions(logit_lens=False, top_k=1)
+    fingerprint = {"name": "synthetic", "kind": "synthetic", "weights_sha256": "0" * 64, "dtype": "float32"}
+    store = TraceStore.open(Path(out_dir) / "store", model=fingerprint, options=options.to_dict())
+    rng = np.random.default_rng(0)
+    commits = []
+    started = time.perf_counter()
+    for shard in range(n_shards):
+        texts = [f"synthetic prompt {shard * per_shard + i}" for i in range(per_shard)]
+        states = rng.normal(size=(per_shard, n_layers + 1, hidden)).astype(np.float32)
+        batch = Trace(prompt_ids=texts, prompts=texts, categories=["x"] * per_shard, labels=[""] * per_shard,
+                      states=states, final_states=states[:, -1], token_ids=[np.array([1])] * per_shard,
+                      tokens=[["x"]] * per_shard, next_token_ids=np.ones((per_shard, 1), dtype=np.int64),
+                      next_token_probs=np.ones((per_shard, 1), dtype=np.float32), next_tokens=[["y"]] * per_shard)
+        commit_started = time.perf_counter()
+        store.add(batch)
+        commits.append(time.perf_counter() - commit_started)
+    written = time.perf_counter() - started
+    index_started = time.perf_counter()
+    store.save_index()
+    index_seconds = time.perf_counter() - index_started
+    items = [{"id": f"p{i}", "text": f"synthetic prompt {i}", "category": ("a", "b", "c", "d")[i % 4], "label": ""}
+             for i in range(n_shards * per_shard)]
+    atomic_write_json(Path(out_dir) / "run.json", {
+        "tool": "tokentrail", "model": {"spec": "synthetic", "fingerprint": fingerprint},
+        "trace_options": options.to_dict(), "prompts": {"name": "synthetic", "source": "child.py", "items": items}})
+    size = sum(f.stat().st_size for f in (Path(out_dir) / "store").rglob("*") if f.is_file())
+    emit({"shards": n_shards, "prompts": n_shards * per_shard, "store_bytes": size, "write_seconds": written,
+          "commit_seconds": commits, "save_index_seconds": index_seconds,
+          "states_bytes": n_shards * per_shard * (n_layers + 1) * hidden * 4})
+
+
+def store_open(store_dir: str) -> None:
+    """Open a store (list and index its shards) and look one prompt up, in a fresh process."""
+    from tokentrail.store import TraceStore
+
+    gc.collect()
+    baseline = rss_bytes()
+    resettable = reset_peak()
+    started = time.perf_counter()
+    store = TraceStore.open(Path(store_dir))
+    opened = time.perf_counter() - started
+    found = "synthetic prompt 123" in store
+    emit({"seconds": opened, "prompts": len(store), "shards": len(store.shards), "found": found,
+          "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_bytes(), "peak_reset": resettable})
+
+
+def export_cli(run_dir: str, to: str) -> None:
+    """`tokentrail export RUN_DIR --to FILE --no-projection` as a user runs it, with its peak resident set."""
+    from tokentrail.cli import main
+
+    gc.collect()
+    baseline = rss_bytes()
+    resettable = reset_peak()
+    started = time.perf_counter()
+    code = main(["export", run_dir, "--to", to, "--no-projection"])
+    emit({"exit_code": code, "seconds": time.perf_counter() - started, "baseline_rss_bytes": baseline,
+          "peak_rss_bytes": peak_bytes(), "peak_reset": resettable, "export_bytes": Path(to).stat().st_size})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -252,6 +323,17 @@ def main() -> None:
     p.add_argument("--shard", type=int, default=1024)
     p = sub.add_parser("project-cli")
     p.add_argument("--run", required=True)
+    p = sub.add_parser("store-scale")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shards", type=int, default=10_000)
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=32)
+    p = sub.add_parser("store-open")
+    p.add_argument("--store", required=True)
+    p = sub.add_parser("export-cli")
+    p.add_argument("--run", required=True)
+    p.add_argument("--to", required=True)
     args = parser.parse_args()
     if args.what == "memory":
         memory(args.config, args.prompts, args.tokens)
@@ -263,6 +345,12 @@ def main() -> None:
         make_store(args.out, args.prompts, args.layers, args.hidden, args.batch, args.shard)
     elif args.what == "project-cli":
         project_cli(args.run)
+    elif args.what == "store-scale":
+        store_scale(args.out, args.shards, args.per_shard, args.layers, args.hidden)
+    elif args.what == "store-open":
+        store_open(args.store)
+    elif args.what == "export-cli":
+        export_cli(args.run, args.to)
     else:
         projection(args.prompts, args.layers, args.hidden, args.batch, args.components)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("throughput", "memory", "load", "rerun", "projection")
+SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu")
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 GiB = 1 << 30
@@ -355,9 +355,103 @@ def projection(args) -> dict[str, Any]:
     return out
 
 
+def store(args) -> dict[str, Any]:
+    """The store at scale: a commit's cost early and late, opening a store of millions of prompts with and
+    without its index cache, and a streamed export's peak memory."""
+    shards, per_shard = args.store_shards, args.store_per_shard
+    with tempfile.TemporaryDirectory(prefix="tokentrail-bench-scale-") as tmp:
+        log(f"store: writing {shards:,} shards of {per_shard} prompts (hidden {args.store_hidden}), timing commits")
+        written = child("store-scale", "--out", tmp, "--shards", str(shards), "--per-shard", str(per_shard),
+                        "--hidden", str(args.store_hidden), timeout=7200)
+        commits = written.pop("commit_seconds")
+        early = commits[max(0, 10 - 5): 10 + 5]
+        late = commits[-10:]
+        log("store: opening it in a fresh process, with its index cache, then without")
+        opened = child("store-open", "--store", str(Path(tmp) / "store"))
+        cache = Path(tmp) / "store" / "index.npz"
+        cache.rename(cache.with_suffix(".bench-aside"))
+        rebuilt = child("store-open", "--store", str(Path(tmp) / "store"))
+        cache.with_suffix(".bench-aside").rename(cache)
+        log("store: tokentrail export --no-projection on it, fresh process")
+        exported = child("export-cli", "--run", tmp, "--to", str(Path(tmp) / "export.npz"), timeout=7200)
+        if exported["exit_code"] != 0:
+            raise RuntimeError(f"tokentrail export failed with exit code {exported['exit_code']}")
+    return {
+        **written,
+        "commit_early_median_s": median(early), "commit_late_median_s": median(late),
+        "commit_late_over_early": median(late) / median(early),
+        "commit_early_s": early, "commit_late_s": late,
+        "open_with_cache": opened, "open_without_cache": rebuilt, "export_cli": exported,
+        "note": ("synthetic shards written through TraceStore.add (states of 3 blocks + embedding, one token per "
+                 "prompt); early = median commit of shards 5-14, late = of the last 10; open = TraceStore.open "
+                 "plus one lookup in a fresh process; export = `tokentrail export --no-projection`, peak = VmHWM"),
+    }
+
+
+def _dtypes_on(device: str, args, batch_size: int | None) -> dict[str, Any]:
+    """The throughput workload traced in float32 and in bfloat16 on `device`, with a bare forward pass in each
+    dtype and the peak device memory: what --dtype auto buys, and what it costs in agreement."""
+    import methods
+    import numpy as np
+    import torch
+    from workloads import mixed_prompts
+
+    from tokentrail.models import load_model
+    from tokentrail.trace import TraceOptions, Tracer
+
+    out: dict[str, Any] = {"device": device, "batch_size": batch_size}
+    states: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model("default", dtype=dtype, device=device)
+        texts = mixed_prompts(loaded.tokenizer, n=args.prompts, max_tokens=args.max_tokens)
+        tracer = Tracer(loaded, TraceOptions(logit_lens=False), batch_size=batch_size)
+        plan = methods.batch_inputs(tracer, tracer.encode(texts))
+        plan = [(index, {k: v.to(loaded.device) if hasattr(v, "to") else v for k, v in kwargs.items()})
+                for index, kwargs in plan]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, outputs = rounds({"bare": methods.bare(loaded, plan),
+                                 "tokentrail": methods.tokentrail(loaded, texts, batch_size, logit_lens=False)},
+                                args.repeats, f"{dtype} on {device}")
+        states[dtype] = outputs["tokentrail"][0]
+        out[dtype] = {"trace_median_s": median(times["tokentrail"]), "bare_median_s": median(times["bare"]),
+                      "trace_s": times["tokentrail"], "bare_s": times["bare"]}
+        if device == "cuda":
+            out[dtype]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        del loaded, tracer, plan
+        gc.collect()
+    f32, b16 = np.asarray(states["float32"], dtype=np.float64), np.asarray(states["bfloat16"], dtype=np.float64)
+    errors = np.linalg.norm(b16 - f32, axis=-1) / np.maximum(np.linalg.norm(f32, axis=-1), 1e-12)
+    out["state_relative_error_median"] = float(np.median(errors))
+    out["state_relative_error_max"] = float(np.max(errors))
+    out["bf16_speedup"] = out["float32"]["trace_median_s"] / out["bfloat16"]["trace_median_s"]
+    return out
+
+
+def dtype(args) -> dict[str, Any]:
+    from tokentrail.models import auto_dtype
+
+    result = _dtypes_on("cpu", args, args.batch_size)
+    result["auto_chooses"] = auto_dtype("cpu")
+    return result
+
+
+def gpu(args) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        log("gpu: no CUDA device, skipped")
+        return {"skipped": "no CUDA device on this machine; the section runs wherever torch sees one"}
+    return _dtypes_on("cuda", args, 64)
+
+
 # --- report ----------------------------------------------------------------------------------------------------
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds < 100 else f"{seconds:.0f} s"
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
 
 
 def _fmt_b(value: float) -> str:
@@ -436,6 +530,40 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "other": _fmt_s(cli["seconds"]), "ratio": None, "target": "peak RSS <= 2 GiB",
                          "met": cli["peak_rss_bytes"] <= 2 * GiB,
                          "note": f"store {_fmt_b(pj['store']['write']['store_bytes'])} on disk, read twice"})
+    st = results.get("store")
+    if st:
+        rows.append({"figure": f"store commit at shard {st['shards']:,} vs shard 10", "tokentrail":
+                     _fmt_ms(st["commit_late_median_s"]), "other": _fmt_ms(st["commit_early_median_s"]),
+                     "ratio": st["commit_late_over_early"], "target": "equal within noise (<= 1.5)",
+                     "met": st["commit_late_over_early"] <= 1.5,
+                     "note": f"{st['prompts']:,} prompts, store {_fmt_b(st['store_bytes'])}"})
+        rows.append({"figure": f"open a store of {st['shards']:,} shards, {st['prompts']:,} prompts",
+                     "tokentrail": _fmt_ms(st["open_with_cache"]["seconds"]),
+                     "other": _fmt_ms(st["open_without_cache"]["seconds"]), "ratio": None,
+                     "target": "(reported)", "met": None,
+                     "note": f"with its index cache; other: rebuilt from {st['shards']:,} sidecars; peak "
+                             f"{_fmt_b(st['open_with_cache']['peak_rss_bytes'])}"})
+        ex = st["export_cli"]
+        rows.append({"figure": "`tokentrail export` of that store, streamed", "tokentrail": _fmt_b(ex["peak_rss_bytes"]),
+                     "other": _fmt_s(ex["seconds"]), "ratio": None,
+                     "target": "peak RSS < states size", "met": ex["peak_rss_bytes"] < st["states_bytes"],
+                     "note": f"states {_fmt_b(st['states_bytes'])}, export {_fmt_b(ex['export_bytes'])}"})
+    for key, label in (("dtype", "CPU"), ("gpu", "GPU")):
+        dt = results.get(key)
+        if dt and "skipped" in dt:
+            rows.append({"figure": f"bfloat16 vs float32 trace ({label})", "tokentrail": "", "other": "not run",
+                         "ratio": None, "target": "(reported)", "met": None, "note": dt["skipped"]})
+        elif dt:
+            memory = (f"; peak GPU memory {_fmt_b(dt['bfloat16']['peak_memory_bytes'])} vs "
+                      f"{_fmt_b(dt['float32']['peak_memory_bytes'])}" if "peak_memory_bytes" in dt["float32"] else "")
+            rows.append({"figure": f"bfloat16 vs float32 trace ({label}, batch {dt['batch_size']})",
+                         "tokentrail": _fmt_s(dt["bfloat16"]["trace_median_s"]),
+                         "other": _fmt_s(dt["float32"]["trace_median_s"]), "ratio": dt["bf16_speedup"],
+                         "target": "(reported)", "met": None,
+                         "note": f"states within {dt['state_relative_error_median']:.2%} median, "
+                                 f"{dt['state_relative_error_max']:.1%} worst; bare forward "
+                                 f"{_fmt_s(dt['bfloat16']['bare_median_s'])} vs "
+                                 f"{_fmt_s(dt['float32']['bare_median_s'])}{memory}"})
     if "duration_s" in results:
         rows.append({"figure": "whole benchmark", "tokentrail": _fmt_s(results["duration_s"]), "other": "",
                      "ratio": None, "target": "< 20 min", "met": results["duration_s"] < 1200})
@@ -488,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-tokens", type=int, default=None)
     parser.add_argument("--projection-prompts", type=int, default=None)
     parser.add_argument("--projection-batch", type=int, default=1024, help="prompts per streamed batch")
+    parser.add_argument("--store-shards", type=int, default=None, help="shards in the store section (10,000)")
+    parser.add_argument("--store-per-shard", type=int, default=100, help="prompts per shard in the store section")
+    parser.add_argument("--store-hidden", type=int, default=128, help="hidden size of the store section's states")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results/latest.json; --quick: a temporary file)")
     parser.add_argument("--no-doc", action="store_true", help="leave docs/performance.md alone")
@@ -498,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     args.memory_prompts = args.memory_prompts or (4 if quick else 32)
     args.memory_tokens = args.memory_tokens or (128 if quick else 2048)
     args.projection_prompts = args.projection_prompts or (2000 if quick else 100_000)
+    args.store_shards = args.store_shards or (40 if quick else 10_000)
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) / "tokentrail-bench-quick.json" if quick else HERE / "results" / "latest.json"
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]

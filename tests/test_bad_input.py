@@ -217,7 +217,7 @@ def test_unknown_layer_index(work, capsys):
     [
         ("--position", "middle", "error: unknown position 'middle'; use last, all, or a token index like 0 or -2"),
         ("--device", "tpu", "error: unknown device 'tpu'; choose one of cpu, cuda, mps, auto"),
-        ("--dtype", "int3", "error: unknown dtype 'int3'; choose one of float32, bfloat16, float16"),
+        ("--dtype", "int3", "error: unknown dtype 'int3'; choose one of float32, bfloat16, float16, auto"),
     ],
 )
 def test_unknown_position_device_dtype(work, tiny_model_dir, capsys, option, value, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -47,9 +49,19 @@ def test_round_trip_equals_direct_trace(tmp_path, tiny_loaded):
         assert trace.next_tokens == direct.next_tokens
         assert [ids.tolist() for ids in trace.token_ids] == [ids.tolist() for ids in direct.token_ids]
     assert stored.prompt_ids == [f"p{i}" for i in range(5)] and stored.categories[:2] == ["a", "b"]
-    manifest = json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())
-    assert manifest["n_layers"] == 3 and len(manifest["shards"]) == 3
-    assert all(len(entry["sha256"]) == 64 for entry in manifest["shards"].values())
+    # Format 2: a header, and per shard the arrays plus a sidecar that describes them.
+    store_dir = tmp_path / "run" / "store"
+    header = json.loads((store_dir / "header.json").read_text())
+    assert header["format"] == 2 and header["options"] == TraceOptions().to_dict()
+    shards = sorted(store_dir.glob("shards/*.safetensors"))
+    assert len(shards) == 3
+    for shard in shards:
+        sidecar = json.loads(shard.with_suffix(".json").read_text())
+        assert sidecar["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+        assert shard.name.startswith(sidecar["sha256"][:32]) and sidecar["n_layers"] == 3
+        assert sidecar["keys"] == [prompt_key(text) for text in sidecar["texts"]]
+    assert sorted(text for shard in shards for text in json.loads(shard.with_suffix(".json").read_text())["texts"]) \
+        == sorted(TEXTS)
 
 
 def test_rerun_traces_nothing_and_one_new_prompt_traces_one(tmp_path, tiny_loaded):
@@ -137,14 +149,12 @@ def _start_and_wait(base: list[str], out_dir: Path, shards: int) -> subprocess.P
     """Start a trace and return once `shards` shards are committed (the run still going)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(_cli(*base, "--out", str(out_dir)), env=env, stderr=subprocess.PIPE, text=True)
-    manifest = out_dir / "store" / "manifest.json"
+    shard_dir = out_dir / "store" / "shards"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if len(json.loads(manifest.read_text())["shards"]) >= shards:
+        with contextlib.suppress(OSError):
+            if sum(1 for name in os.listdir(shard_dir) if name.endswith(".safetensors") and name[0] != ".") >= shards:
                 break
-        except (OSError, ValueError, KeyError):
-            pass
         time.sleep(0.002)
     assert process.poll() is None, "the run finished before it could be interrupted"
     return process
@@ -176,7 +186,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, kill_setup, 
     _, resumed = load_trace(killed_dir)
     _, clean = load_trace(clean_dir)
     store = TraceStore.open(killed_dir / "store")
-    keys = [key for entry in store.shards.values() for key in entry["keys"]]
+    keys = [key for keys in store.keys_by_shard().values() for key in keys]
     assert len(keys) == len(set(keys)) == 40  # every prompt exactly once
     assert resumed.prompts == clean.prompts == load_prompt_file(prompts).texts
     np.testing.assert_array_equal(resumed.states, clean.states)

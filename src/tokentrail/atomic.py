@@ -7,8 +7,9 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tokentrail.errors import StoreError
 
@@ -25,7 +26,15 @@ def current_umask() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: written under a temporary name beside it, flushed to disk and
+    renamed over `path` when the block ends; removed, leaving `path` as it was, if the block fails.
 
     The file gets the permissions an ordinary `open(path, "w")` would give (0666 less the umask, so usually
     0644): mkstemp's private 0600 would hide results from the colleagues a run directory is shared with.
@@ -37,9 +46,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise write_error(path, exc) from None
     try:
-        with os.fdopen(handle, "wb") as tmp:
+        with os.fdopen(handle, "w+b") as tmp:
             os.fchmod(tmp.fileno(), 0o666 & ~current_umask())
-            tmp.write(data)
+            yield tmp
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
@@ -71,3 +80,27 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def atomic_create_bytes(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists; True if this call created it.
+
+    The file is written whole under a temporary name and then hard-linked to `path`, which fails if `path`
+    exists: of several processes creating the same file at once exactly one wins, and no reader ever sees it
+    half-written.
+    """
+    path = Path(path)
+    if path.exists():
+        return False
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.new"
+    atomic_write_bytes(tmp, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

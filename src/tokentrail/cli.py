@@ -40,7 +40,9 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="`default`, an embedded model name, a .gguf file, a local directory or a hub id.")
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="float32, bfloat16, float16, or auto: bfloat16 where the device computes it natively (a CUDA GPU of "
+         "compute capability 8+, a CPU with AVX512_BF16 or AMX), float32 elsewhere. run.json records the one used.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run.")]
 DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="Spread a large model over devices, e.g. auto.")]
@@ -499,13 +501,18 @@ def steer(
 def export(
     run_dir: RunDirArg,
     to: Annotated[Path, typer.Option("--to", help="Target .npz file.")] = Path("tokentrail-export.npz"),
+    projection: Annotated[bool | None, typer.Option(
+        "--projection/--no-projection",
+        help="Add the run's PCA (default: when the store is at most 2 GiB, the most the in-memory analysis reads).",
+        show_default=False)] = None,
 ) -> None:
-    """Write a run's arrays to an .npz that loads with `np.load(path, allow_pickle=False)`."""
-    from tokentrail.runs import export_arrays, projection_arrays, write_export
+    """Write a run's arrays to an .npz that loads with `np.load(path, allow_pickle=False)`, shard by shard."""
+    from tokentrail.exports import export_run
 
     _out_file(to)
-    trace_result, extra = projection_arrays(run_dir)
-    path = write_export(to, export_arrays(trace_result, extra))
+    path, notes = export_run(run_dir, to, projection=projection)
+    for note in notes:
+        err.print(warning_text(note))
     out.print(f"wrote {path}")
 
 

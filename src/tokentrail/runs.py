@@ -11,11 +11,11 @@ Each step reads what the previous one wrote, so `analyze`, `plot` and `report` n
 
 from __future__ import annotations
 
-import io
+import contextlib
+import fcntl
 import json
 import platform
 import sys
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +28,8 @@ from tokentrail import __version__
 from tokentrail.atomic import atomic_write_bytes, atomic_write_json
 from tokentrail.engines.local import TraceReport, trace_into_store
 from tokentrail.errors import StoreError, TokentrailError
-from tokentrail.models import LoadedModel, fingerprint, load_model, resolve_source
+from tokentrail.exports import npz_bytes
+from tokentrail.models import LoadedModel, dtype_name, fingerprint, load_model, resolve_source
 from tokentrail.prompts import Prompt, PromptSet
 from tokentrail.store import TraceStore
 from tokentrail.trace import Trace, TraceOptions, Tracer
@@ -45,6 +46,14 @@ class ModelSettings:
     trust_remote_code: bool = False
     device_map: str | None = None
     self_check: bool = True
+    dtype_requested: str | None = None  # "auto" when `dtype` is what auto chose here; None when asked for as is
+
+    def __post_init__(self) -> None:
+        # auto is resolved once, here: the fingerprint, the store, run.json and a Ray worker elsewhere all get
+        # the dtype actually used, so a store traced in bfloat16 never passes for a float32 one.
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype_requested", "auto")
+            object.__setattr__(self, "dtype", dtype_name("auto", self.device, self.device_map))
 
     def load(self) -> LoadedModel:
         return load_model(self.spec, revision=self.revision, dtype=self.dtype, device=self.device,
@@ -152,7 +161,7 @@ def trace_run(
         raise TokentrailError(f"unknown engine {engine.engine!r}; use local or ray")
     if engine.engine == "ray" and isinstance(model, LoadedModel):
         raise TokentrailError("the ray engine loads the model in each worker: pass model settings, not a loaded model")
-    if engine.engine == "local" and not (run_dir / "store" / "manifest.json").exists():
+    if engine.engine == "local" and not TraceStore.exists(run_dir / "store"):
         # A new store: every prompt needs the model, so load it first; one that fails to load (or a --top-k it
         # cannot give) then leaves nothing behind in --out.
         tracer = make_tracer()
@@ -169,6 +178,30 @@ def trace_run(
     else:
         report = trace_into_store(store, prompt_set.texts, make_tracer, shard_size=batching.shard_size,
                                   show_progress=show_progress)
+    store.save_index()
+    with run_file_lock(run_dir):
+        _record_trace(run_dir, prompt_set, model_settings, fp, options, batching, engine, report, made, model,
+                      extra_settings)
+    trace = store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+    return RunOutcome(run_dir=run_dir, report=report, trace=trace)
+
+
+@contextlib.contextmanager
+def run_file_lock(run_dir: Path) -> Iterator[None]:
+    """Serialise read-modify-write updates of run.json between processes (two traces, a trace and an analysis):
+    each sees the other's fields instead of overwriting them. Not on any hot path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.json.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _record_trace(run_dir, prompt_set, model_settings, fp, options, batching, engine, report, made, model,
+                  extra_settings) -> None:
     previous = read_run(run_dir) if (run_dir / RUN_FILE).exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run = {
@@ -189,18 +222,17 @@ def trace_run(
         **(extra_settings or {}),
     }
     atomic_write_json(run_dir / RUN_FILE, run)
-    trace = store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
-    return RunOutcome(run_dir=run_dir, report=report, trace=trace)
 
 
 def update_run(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    run = read_run(run_dir)
-    run.update(fields)
-    atomic_write_json(Path(run_dir) / RUN_FILE, run)
+    with run_file_lock(run_dir):
+        run = read_run(run_dir)
+        run.update(fields)
+        atomic_write_json(Path(run_dir) / RUN_FILE, run)
     return run
 
 
-def _traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet, TraceStore]:
+def traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet, TraceStore]:
     """The run, its prompts and its store, refused unless every prompt is traced.
 
     `verify` checks every shard's checksum first (one read of the whole store); without it a bad shard is
@@ -221,64 +253,8 @@ def _traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet,
 
 def load_trace(run_dir: Path) -> tuple[dict[str, Any], Trace]:
     """The run's settings and its prompts' traces, read from the store; no model needed."""
-    run, prompt_set, store = _traced_run(run_dir, verify=True)
+    run, prompt_set, store = traced_run(run_dir, verify=True)
     return run, store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz with fixed timestamps and order, so the same arrays always give the same bytes."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name in sorted(arrays):
-            array = arrays[name]
-            if array.dtype == object:
-                raise TokentrailError(f"export array {name!r} holds Python objects; that would need pickle")
-            entry = io.BytesIO()
-            np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            archive.writestr(info, entry.getvalue())
-    return buffer.getvalue()
-
-
-def export_arrays(trace: Trace, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {
-        "states": trace.states,
-        "final_states": trace.final_states,
-        "layers": np.arange(trace.n_layers + 1, dtype=np.int64),
-        "prompts": np.array(trace.prompts, dtype=str),
-        "prompt_ids": np.array(trace.prompt_ids, dtype=str),
-        "categories": np.array(trace.categories, dtype=str),
-        "labels": np.array(trace.labels, dtype=str),
-        "next_token_ids": trace.next_token_ids,
-        "next_token_probs": trace.next_token_probs,
-        "next_tokens": np.array(trace.next_tokens, dtype=str),
-    }
-    # Every prompt's tokens, ragged: prompt i's are rows token_offsets[i]:token_offsets[i + 1] of the flat arrays.
-    offsets = np.zeros(len(trace) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(ids) for ids in trace.token_ids])
-    arrays["token_offsets"] = offsets
-    arrays["token_ids"] = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in trace.token_ids]) \
-        if len(trace) else np.zeros(0, dtype=np.int64)
-    arrays["tokens"] = np.array([token for tokens in trace.tokens for token in tokens], dtype=str)
-    if trace.token_states is not None:  # --position all: every token's state at every layer
-        lengths = [len(states) for states in trace.token_states]
-        if lengths != list(np.diff(offsets)):
-            raise TokentrailError("the store's token states do not match its token ids; trace the run again")
-        arrays["token_states"] = np.concatenate(trace.token_states).astype(np.float32, copy=False)  # [sum T_i, L+1, H]
-    if trace.lens_token_ids is not None:
-        arrays["lens_token_ids"] = trace.lens_token_ids
-        arrays["lens_probs"] = trace.lens_probs
-        arrays["lens_tokens"] = np.array(trace.lens_tokens, dtype=str)
-    arrays.update(extra or {})
-    return arrays
-
-
-def write_export(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise TokentrailError(f"export target {path} must end in .npz")
-    atomic_write_bytes(path, _npz_bytes(arrays))
-    return path
 
 
 def project_run(run_dir: Path, options=None, to: Path | None = None,
@@ -299,7 +275,7 @@ def project_run(run_dir: Path, options=None, to: Path | None = None,
     to = Path(to) if to is not None else Path(run_dir) / "projection.npz"
     if to.suffix != ".npz":
         raise TokentrailError(f"projection target {to} must end in .npz")
-    run, prompt_set, store = _traced_run(run_dir, verify=False)  # each shard is checked as it is read
+    run, prompt_set, store = traced_run(run_dir, verify=False)  # each shard is checked as it is read
     options = options or analysis_options(run)
     n_layers = store.header.get("n_layers")
     if n_layers is None:
@@ -342,8 +318,15 @@ def project_run(run_dir: Path, options=None, to: Path | None = None,
     }
     if pca.layer_means_ is not None:
         arrays["layer_means"] = pca.layer_means_.astype(np.float32)
-    atomic_write_bytes(to, _npz_bytes(arrays))
+    atomic_write_bytes(to, npz_bytes(arrays))
     return to, arrays
+
+
+def _dtype_text(run: dict[str, Any]) -> str:
+    """The dtype the run was traced in, and the request it came from when that was `--dtype auto`."""
+    used = run["model"]["fingerprint"]["dtype"]
+    requested = run["model"].get("dtype_requested")
+    return f"{used} (chosen by --dtype {requested})" if requested and requested != used else str(used)
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
@@ -359,7 +342,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "model": run["model"]["fingerprint"]["name"],
         "model_kind": run["model"]["fingerprint"]["kind"],
         "weights_sha256": run["model"]["fingerprint"]["weights_sha256"][:16],
-        "dtype": run["model"]["fingerprint"]["dtype"],
+        "dtype": _dtype_text(run),
         "n_layers": store.header.get("n_layers"),
         "hidden_size": store.header.get("hidden_size"),
         "prompts": len(items),
@@ -428,15 +411,16 @@ def compute_analysis(run_dir: Path, options=None):
     return run, trace, result, options
 
 
-def projection_arrays(run_dir: Path) -> tuple[Trace, dict[str, np.ndarray]]:
-    """The run's trace plus its projection arrays for an export; a run too small to project exports without them."""
+def projection_extras(run_dir: Path) -> dict[str, np.ndarray]:
+    """The run's projection arrays for an export (from the in-memory analysis, so the numbers `analyze` gives);
+    none for a run too small to project."""
     try:
-        _, trace, result, _ = compute_analysis(run_dir)
+        _, _, result, _ = compute_analysis(run_dir)
     except StoreError:
         raise
     except TokentrailError:
-        return load_trace(run_dir)[1], {}
-    return trace, {
+        return {}
+    return {
         "projection": np.asarray(result.projection, dtype=np.float32),
         "projection_layers": np.asarray(result.layers, dtype=np.int64),
         "explained_variance_ratio": np.asarray(result.explained_variance_ratio, dtype=np.float64),
@@ -534,7 +518,7 @@ def report_run(run_dir: Path, fps: float = 4) -> Path:
     info = {
         "model": run["model"]["fingerprint"]["name"],
         "weights sha256": run["model"]["fingerprint"]["weights_sha256"],
-        "dtype": run["model"]["fingerprint"]["dtype"],
+        "dtype": _dtype_text(run),
         "prompt set": f"{run['prompts']['name']} ({len(trace)} prompts)",
         "trace options": run["trace_options"],
         "analysis options": run.get("analysis"),

@@ -70,14 +70,20 @@ def trace_into_store(
     shards = 0
     with progress_bar(console, disable=not show_progress) as progress:
         task = progress.add_task("trace", total=len(missing))
+        traced = 0
         for start in range(0, len(missing), shard_size):
             chunk = list(missing[start : start + shard_size])
-            store.add(tracer.trace(chunk))
-            shards += 1
+            # Another writer (a second process on an overlapping prompt set) may have committed some meanwhile.
+            store.refresh()
+            todo = [text for text, held in zip(chunk, store.holds(chunk)) if not held]
+            if todo:
+                store.add(tracer.trace(todo))
+                shards += 1
+                traced += len(todo)
             progress.advance(task, len(chunk))
     return TraceReport(
-        traced=len(missing),
-        reused=unique - len(missing),
+        traced=traced,
+        reused=unique - traced,
         shards_written=shards,
         forward_passes=tracer.n_forward_passes,
         problems=problems,
