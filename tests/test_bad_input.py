@@ -168,9 +168,9 @@ def test_unknown_model(work, capsys):
 
 
 def test_unknown_architecture(work, tiny_model_dir, capsys, monkeypatch):
-    from tokentrail import models
+    from tokentrail.models import parts
 
-    monkeypatch.setattr(models, "_DEPTH_NAMES", ("vocab_size",))  # a depth no block list of the model has
+    monkeypatch.setattr(parts, "_DEPTH_NAMES", ("vocab_size",))  # a depth no block list of the model has
     (work / "new.txt").write_text("A prompt never traced before\n")
     before = snapshot(work)
     fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),

@@ -255,7 +255,7 @@ def test_bad_options(spectrum_runs, tmp_path):
 @pytest.fixture
 def fake_chunked(tmp_path, monkeypatch):
     """A chunked embedded model made of files in tmp_path, located as installed package files would be."""
-    from tokentrail import models
+    from tokentrail.models import sources as models
 
     monkeypatch.setenv("TOKENTRAIL_CACHE", str(tmp_path / "cache"))
     parts = [b"GGUF" + bytes(range(256)) * 40, b"second chunk" * 999, b"tail"]
@@ -312,7 +312,7 @@ def test_a_cached_gguf_that_no_longer_matches_is_rebuilt(fake_chunked, tmp_path)
 
 
 def test_missing_chunk_package_says_how_to_install(fake_chunked, monkeypatch):
-    from tokentrail import models
+    from tokentrail.models import sources as models
 
     del fake_chunked["files"][("fake-part2", "fake.gguf.part01")]
     assert not models.embedded_installed("fake")
@@ -323,7 +323,7 @@ def test_missing_chunk_package_says_how_to_install(fake_chunked, monkeypatch):
 
 
 def test_listing_models_never_assembles(fake_chunked, monkeypatch):
-    from tokentrail import models
+    from tokentrail.models import sources as models
 
     monkeypatch.setattr(models, "_assemble_chunks", lambda *a: pytest.fail("listing must not assemble"))
     rows = {row["name"]: row for row in models.embedded_models()}

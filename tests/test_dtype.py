@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokentrail import cli, models
+from tokentrail import cli
 from tokentrail.errors import ModelLoadError
-from tokentrail.models import DTYPE_CHOICES, auto_dtype, cpu_flags, dtype_name, resolve_dtype
+from tokentrail.models import DTYPE_CHOICES, auto_dtype, cpu_flags, dtype_name, load_model, resolve_dtype
+from tokentrail.models import sources as models
 from tokentrail.runs import ModelSettings
 from tokentrail.store import TraceStore
 
@@ -107,7 +108,7 @@ def test_model_settings_resolve_auto_before_the_fingerprint(monkeypatch, tiny_mo
 
 def test_load_model_records_the_dtype_it_used(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(models, "cpu_flags", lambda: {"amx_bf16"})
-    loaded = models.load_model(str(tiny_model_dir), dtype="auto")
+    loaded = load_model(str(tiny_model_dir), dtype="auto")
     assert loaded.fingerprint["dtype"] == "bfloat16"
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
 

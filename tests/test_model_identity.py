@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_config, tiny_model
-from tokentrail import models
 from tokentrail.errors import ModelLoadError, StoreError
 from tokentrail.models import fingerprint, load_model, resolve_source
+from tokentrail.models import sources as models
 from tokentrail.store import TraceStore
 
 DROPPED = "model.layers.0.mlp.up_proj.weight"

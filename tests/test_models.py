@@ -146,7 +146,7 @@ def test_cached_weights_give_the_gguf_logits(embedded):
 
 
 def test_embedded_missing_package_message(monkeypatch):
-    from tokentrail import models
+    from tokentrail.models import sources as models
 
     monkeypatch.setattr(models, "embedded_gguf_path", lambda name="smollm2-135m": None)
     with pytest.raises(ModelLoadError, match="embedded model 'smollm2-135m' is not installed; run `make setup`"):

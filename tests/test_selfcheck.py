@@ -8,9 +8,8 @@ import torch
 
 from conftest import tiny_model
 from coverage import PROMPTS, _relative, reference
-from tokentrail import models
 from tokentrail.errors import ArchitectureError
-from tokentrail.models import from_objects
+from tokentrail.models import from_objects, parts
 from tokentrail.trace import TraceOptions, Tracer
 from zoo import tiny_causal_lm
 
@@ -48,7 +47,7 @@ def test_shared_blocks_are_refused(tiny_tokenizer):
 
 def test_an_unknown_logit_scaling_is_refused(tiny_tokenizer, monkeypatch):
     """Cohere multiplies its logits by logit_scale; without it the logit lens would be wrong, so: refused."""
-    monkeypatch.setattr(models, "_readout_scalings", lambda model, config: {})
+    monkeypatch.setattr(parts, "_readout_scalings", lambda model, config: {})
     with pytest.raises(ArchitectureError, match="the readout .* gives next-token log-probabilities that differ"):
         from_objects(tiny_causal_lm("cohere"), tiny_tokenizer, name="cohere")
 

@@ -64,8 +64,8 @@ def _trace(states: np.ndarray, categories: list[str]) -> Trace:
     n = len(categories)
     return Trace(prompt_ids=[f"p{i}" for i in range(n)], prompts=[f"t{i}" for i in range(n)], categories=categories,
                  labels=[""] * n, states=states.astype(np.float32), final_states=states[:, -1].astype(np.float32),
-                 token_ids=[], tokens=[], next_token_ids=np.zeros((n, 1)), next_token_probs=np.zeros((n, 1)),
-                 next_tokens=[])
+                 token_ids=[np.array([i]) for i in range(n)], tokens=[["t"]] * n, next_token_ids=np.zeros((n, 1)),
+                 next_token_probs=np.zeros((n, 1)), next_tokens=[["x"]] * n)
 
 
 # ------------------------------------------------------------------------------------------------- hooks

@@ -78,11 +78,12 @@ RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `tokent
 
 
 def _model_settings(model: str, revision, dtype, device, trust_remote_code, device_map, self_check=True):
-    from tokentrail.models import resolve_device, resolve_dtype
-    from tokentrail.runs import ModelSettings
+    from tokentrail.models.settings import ModelSettings
+    from tokentrail.models.sources import check_device_name, dtype_name
 
-    resolve_dtype(dtype)  # fail on a typo before anything is traced
-    resolve_device(device)
+    # A typo fails before anything is traced; whether the device is there is asked only when a model loads.
+    check_device_name(device)
+    dtype_name(dtype, "cpu" if dtype == "auto" and device == "auto" else device, device_map)
     return ModelSettings(spec=model, revision=revision, dtype=dtype, device=device,
                          trust_remote_code=trust_remote_code, device_map=device_map, self_check=self_check)
 
@@ -155,9 +156,10 @@ def _permutations(value: int | None, option: str = "--permutations") -> int | No
 def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
            top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
            ray_address=None, self_check=True, prompt_set=None):
+    from tokentrail.core.settings import BatchSettings, EngineSettings
+    from tokentrail.core.trace import TraceOptions, parse_position
     from tokentrail.prompts import resolve_prompts
-    from tokentrail.runs import BatchSettings, EngineSettings, trace_run
-    from tokentrail.trace import TraceOptions, parse_position
+    from tokentrail.runs import trace_run
 
     if prompt_set is None:
         prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
@@ -561,7 +563,7 @@ def info(run_dir: RunDirArg) -> None:
 @app.command(epilog="Example: `tokentrail models`")
 def models() -> None:
     """List the embedded models and how to name other models."""
-    from tokentrail.models import embedded_models
+    from tokentrail.models.sources import embedded_models
 
     table = Table(title="embedded models")
     for column in ("name", "aliases", "installed", "description", "path"):

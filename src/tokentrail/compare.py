@@ -46,9 +46,10 @@ from tokentrail.analysis.pipeline import default_axis
 from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer
 from tokentrail.analysis.similarity import cka_matrix, cka_permutation_null, standardize_features
 from tokentrail.atomic import atomic_write_bytes, atomic_write_json
+from tokentrail.core.jsonable import json_ready
+from tokentrail.core.trace import Trace
 from tokentrail.errors import TokentrailError
-from tokentrail.metrics import format_cell, json_ready
-from tokentrail.trace import Trace
+from tokentrail.metrics import format_cell
 
 __all__ = [
     "CompareOptions",

@@ -17,68 +17,21 @@ Layout (P prompts, L blocks, H hidden size, k top tokens, T tokens over all prom
 
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from tokentrail.atomic import atomic_writer, write_error
+from tokentrail.core.npz import NpzWriter
 from tokentrail.errors import StoreError, TokentrailError
 
 # The projection comes from the run's in-memory analysis (the same numbers `analyze` gives), which holds every
 # prompt's states: it is added when the store is at most this big, else left to `tokentrail project`.
 PROJECTION_MAX_STORE_BYTES = 2 * 1024**3
-COPY_CHUNK_BYTES = 1024**2
-_FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same arrays always give the same bytes
-
-
-class NpzWriter:
-    """Members of an .npz written one at a time into an open binary file: ZIP_STORED, fixed timestamps, and
-    the arrays' .npy bytes streamed, so a member never has to exist in memory whole."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self._archive = zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._names: set[str] = set()
-
-    def _member(self, name: str) -> BinaryIO:
-        if name in self._names:
-            raise ValueError(f"export array {name!r} written twice")
-        self._names.add(name)
-        info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_TIME)
-        return self._archive.open(info, "w", force_zip64=True)  # type: ignore[return-value]
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if array.dtype == object:
-            raise TokentrailError(f"export array {name!r} holds Python objects; that would need pickle")
-        with self._member(name) as member:
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-
-    def add_npy_file(self, name: str, path: Path) -> None:
-        """Copy a finished .npy file into the archive as `name`, in chunks."""
-        with self._member(name) as member, open(path, "rb") as source:
-            shutil.copyfileobj(source, member, COPY_CHUNK_BYTES)
-
-    def close(self) -> None:
-        self._archive.close()
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Arrays held in memory as an .npz, atomically; the same arrays always give the same bytes."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise TokentrailError(f"export target {path} must end in .npz")
-    with atomic_writer(path) as handle:
-        writer = NpzWriter(handle)
-        for name in sorted(arrays):
-            writer.add(name, arrays[name])
-        writer.close()
-    return path
 
 
 def _width(strings: Any) -> int:
@@ -218,13 +171,3 @@ def _write(to: Path, run_dir: Path, prompt_set: Any, store: Any, token_offsets: 
                 else:
                     columns.finish_into(writer, [name])
             writer.close()
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz in memory, with the same fixed layout as every export."""
-    buffer = io.BytesIO()
-    writer = NpzWriter(buffer)
-    for name in sorted(arrays):
-        writer.add(name, arrays[name])
-    writer.close()
-    return buffer.getvalue()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokentrail.atomic import atomic_write_bytes
+from tokentrail.core.jsonable import json_ready
 
 if TYPE_CHECKING:
     from tokentrail.analysis.pipeline import AnalysisResult
@@ -77,23 +78,6 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     for row in rows:
         writer.writerow([format_cell(value) for value in row])
     return buffer.getvalue().encode("utf-8")
-
-
-def json_ready(value: Any) -> Any:
-    """Plain JSON values: numpy unwrapped, tuples as lists, nan/inf as null (JSON has neither)."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return json_ready(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 def _layer_table(

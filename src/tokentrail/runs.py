@@ -20,65 +20,26 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tokentrail import __version__
 from tokentrail.atomic import atomic_write_bytes, atomic_write_json
+from tokentrail.core.npz import npz_bytes
+from tokentrail.core.settings import BatchSettings, EngineSettings
+from tokentrail.core.trace import Trace, TraceOptions
 from tokentrail.engines.local import TraceReport, trace_into_store
 from tokentrail.errors import StoreError, TokentrailError
-from tokentrail.exports import npz_bytes
-from tokentrail.models import LoadedModel, dtype_name, fingerprint, load_model, resolve_source
+from tokentrail.models.settings import ModelSettings
 from tokentrail.prompts import Prompt, PromptSet
 from tokentrail.store import TraceStore
-from tokentrail.trace import Trace, TraceOptions, Tracer
+
+if TYPE_CHECKING:  # loading a model imports torch; reading a run must not
+    from tokentrail.models.loading import LoadedModel
+    from tokentrail.trace import Tracer
 
 RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    spec: str = "default"
-    revision: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    device_map: str | None = None
-    self_check: bool = True
-    dtype_requested: str | None = None  # "auto" when `dtype` is what auto chose here; None when asked for as is
-
-    def __post_init__(self) -> None:
-        # auto is resolved once, here: the fingerprint, the store, run.json and a Ray worker elsewhere all get
-        # the dtype actually used, so a store traced in bfloat16 never passes for a float32 one.
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype_requested", "auto")
-            object.__setattr__(self, "dtype", dtype_name("auto", self.device, self.device_map))
-
-    def load(self) -> LoadedModel:
-        return load_model(self.spec, revision=self.revision, dtype=self.dtype, device=self.device,
-                          trust_remote_code=self.trust_remote_code, device_map=self.device_map,
-                          self_check=self.self_check)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The model's identity from its files alone: a rerun with nothing to trace never loads it."""
-        return fingerprint(resolve_source(self.spec, self.revision), self.dtype)
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    batch_size: int | None = 16  # None: sized automatically by padding and the memory budget
-    shard_size: int = 64
-    padding_side: str | None = None  # None: what the model's load-time self-check proved exact
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Where tracing runs: this process, or Ray actors (one model copy each) writing into the same store."""
-
-    engine: str = "local"
-    workers: int = 2
-    ray_address: str | None = None
 
 
 @dataclass
@@ -90,17 +51,22 @@ class RunOutcome:
 
 
 def versions() -> dict[str, str]:
-    import sklearn
-    import torch
-    import transformers
+    """The versions that shape the numbers, read from package metadata: recording them imports nothing."""
+    from importlib import metadata
+
+    def installed(distribution: str) -> str:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
     return {
         "tokentrail": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
         "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": installed("scikit-learn"),
         "platform": platform.platform(),
     }
 
@@ -142,24 +108,29 @@ def trace_run(
     """
     run_dir = Path(run_dir)
     made: list[Tracer] = []  # the tracer, if a model had to be loaded: its self-check goes into run.json
-    if isinstance(model, LoadedModel):
+    # The tracer (and torch with it) is imported only when something must be traced.
+    if not isinstance(model, ModelSettings):  # a model already in memory
         fp = model.fingerprint
         model_settings: dict[str, Any] = {"spec": model.name, "in_memory": True}
 
         def make_tracer() -> Tracer:
+            from tokentrail.trace import Tracer
+
             return Tracer(model, options, batch_size=batching.batch_size, padding_side=batching.padding_side)
     else:
         fp = model.fingerprint()
         model_settings = asdict(model)
 
         def make_tracer() -> Tracer:
+            from tokentrail.trace import Tracer
+
             tracer = Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
             made.append(tracer)
             return tracer
 
     if engine.engine not in ("local", "ray"):
         raise TokentrailError(f"unknown engine {engine.engine!r}; use local or ray")
-    if engine.engine == "ray" and isinstance(model, LoadedModel):
+    if engine.engine == "ray" and not isinstance(model, ModelSettings):
         raise TokentrailError("the ray engine loads the model in each worker: pass model settings, not a loaded model")
     if engine.engine == "local" and not TraceStore.exists(run_dir / "store"):
         # A new store: every prompt needs the model, so load it first; one that fails to load (or a --top-k it
@@ -217,7 +188,7 @@ def _record_trace(run_dir, prompt_set, model_settings, fp, options, batching, en
         "prompts": {"name": prompt_set.name, "source": prompt_set.source, "items": prompt_set.to_records()},
         "versions": versions(),
         "last_trace": asdict(report),
-        "self_check": (made[0].loaded.self_check if made else model.self_check if isinstance(model, LoadedModel)
+        "self_check": (made[0].loaded.self_check if made else model.self_check if not isinstance(model, ModelSettings)
                        else previous.get("self_check")),
         **(extra_settings or {}),
     }

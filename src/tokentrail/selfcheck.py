@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from tokentrail.errors import ArchitectureError, TokentrailError, first_line
-from tokentrail.models import LoadedModel, _Chain, modules_around_blocks
+from tokentrail.models.loading import LoadedModel
+from tokentrail.models.parts import _Chain, modules_around_blocks
 
 CHECK_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
 # Largest relative difference accepted, for states and for next-token log-probabilities alike: per token,
@@ -152,7 +153,8 @@ def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
 
 def _traced(loaded: LoadedModel, encoded: list[list[int]], padding: str) -> tuple[dict[str, Any], int]:
     """The tracer's arrays for `encoded` with `padding` (or {"error": why}), and its forward-pass count."""
-    from tokentrail.trace import TraceOptions, Tracer
+    from tokentrail.core.trace import TraceOptions
+    from tokentrail.trace import Tracer
 
     loaded.parts.padding = padding
     tracer = Tracer(loaded, TraceOptions(position="all", top_k=1, logit_lens=False), batch_size=len(encoded),

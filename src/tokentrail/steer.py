@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tokentrail.core.trace import Trace, TraceOptions
 from tokentrail.errors import TokentrailError
-from tokentrail.models import LoadedModel
-from tokentrail.trace import Trace, TraceOptions, Tracer
+from tokentrail.models.loading import LoadedModel
+from tokentrail.trace import Tracer
 
 if TYPE_CHECKING:
     from typing_extensions import Self

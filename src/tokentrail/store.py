@@ -41,8 +41,8 @@ from safetensors.numpy import save as save_safetensors
 
 from tokentrail import __version__
 from tokentrail.atomic import atomic_create_bytes, atomic_write_bytes, atomic_write_json
+from tokentrail.core.trace import Trace
 from tokentrail.errors import StoreError
-from tokentrail.trace import Trace
 
 STORE_FORMAT = 2
 HEADER_FILE = "header.json"

@@ -19,15 +19,17 @@ import contextlib
 import inspect
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tokentrail.core.trace import Trace, TraceOptions, parse_position
 from tokentrail.errors import TokentrailError
-from tokentrail.models import LoadedModel, config_value, text_config_of
+from tokentrail.models.loading import LoadedModel
+from tokentrail.models.parts import config_value, text_config_of
 
 # "none": only prompts of equal length share a forward pass. Right for every causal model; recurrent models
 # whose left padding runs pad tokens through the recurrence get it, or right padding, from the self-check.
@@ -36,80 +38,6 @@ PADDING_SIDES = ("left", "right", "none")
 # batch holds at most this many padded tokens (measured: larger batches gain nothing per token on a CPU).
 AUTO_MAX_PADDING = 0.1
 AUTO_CPU_BATCH_TOKENS = 1024
-
-
-def parse_position(position: str | int) -> str | int:
-    """`last`, `all`, or an integer token index (negative counts from the end of the prompt)."""
-    if isinstance(position, int):
-        return position
-    text = str(position).strip().lower()
-    if text in ("last", "all"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise TokentrailError(f"unknown position {position!r}; use last, all, or a token index like 0 or -2") from None
-
-
-@dataclass(frozen=True)
-class TraceOptions:
-    """Everything that changes what is recorded; batching choices are absent because they must not."""
-
-    position: str = "last"
-    chat: bool = False
-    top_k: int = 5
-    logit_lens: bool = True
-    truncate: bool = False
-
-    def __post_init__(self) -> None:
-        parse_position(self.position)
-        if self.top_k < 1:
-            raise TokentrailError(f"--top-k must be at least 1, got {self.top_k}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Trace:
-    """Traced prompts. Shapes: P prompts, L decoder blocks, H hidden size, k top tokens.
-
-    states        float32 [P, L+1, H]  layer 0 = embedding output, layer l = raw output of block l
-    final_states  float32 [P, H]       final norm applied to block L's output (what the unembedding reads)
-    next_token_ids / next_token_probs  [P, k]  the model's own next-token top-k
-    lens_token_ids / lens_probs        [P, L+1, k]  logit lens per layer (None when not computed)
-    token_states  list of float32 [T_i, L+1, H] per prompt when position="all", else None
-    """
-
-    prompt_ids: list[str]
-    prompts: list[str]
-    categories: list[str]
-    labels: list[str]
-    states: np.ndarray
-    final_states: np.ndarray
-    token_ids: list[np.ndarray]
-    tokens: list[list[str]]
-    next_token_ids: np.ndarray
-    next_token_probs: np.ndarray
-    next_tokens: list[list[str]]
-    lens_token_ids: np.ndarray | None = None
-    lens_probs: np.ndarray | None = None
-    lens_tokens: list[list[list[str]]] | None = None
-    token_states: list[np.ndarray] | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_layers(self) -> int:
-        """Number of decoder blocks L (states hold L+1 layers)."""
-        return self.states.shape[1] - 1
-
-    @property
-    def hidden_size(self) -> int:
-        return self.states.shape[2]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
 
 
 def _supports(module: torch.nn.Module, argument: str) -> bool:

@@ -25,7 +25,7 @@ from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
 from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
 from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer
 from tokentrail.analysis.transport import token_cosine_by_layer, wasserstein_by_layer
-from tokentrail.metrics import json_ready
+from tokentrail.core.jsonable import json_ready
 
 # Significance level used only for the summary's "first significant layer".
 SIGNIFICANCE = 0.05

@@ -5,8 +5,30 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from typing import Any
+
 import numpy as np
-import ot
+
+# POT imports every array library it finds (torch first) to offer it as a backend, which would make reading a
+# run pay for torch. These functions pass numpy arrays only, so a backend whose library is not imported yet is
+# left out; one already imported costs nothing and stays available to the caller.
+_POT_BACKENDS = {"torch": "POT_BACKEND_DISABLE_PYTORCH", "jax": "POT_BACKEND_DISABLE_JAX",
+                 "cupy": "POT_BACKEND_DISABLE_CUPY", "tensorflow": "POT_BACKEND_DISABLE_TENSORFLOW"}
+
+
+def _ot() -> Any:
+    if "ot" in sys.modules:
+        return sys.modules["ot"]
+    disabled = [key for library, key in _POT_BACKENDS.items() if library not in sys.modules and key not in os.environ]
+    os.environ.update(dict.fromkeys(disabled, "1"))
+    try:
+        return importlib.import_module("ot")
+    finally:
+        for key in disabled:
+            os.environ.pop(key, None)
 
 
 def _check_tokens(token_states: np.ndarray) -> np.ndarray:
@@ -30,9 +52,9 @@ def wasserstein_by_layer(token_states: np.ndarray) -> np.ndarray:
     weights = np.full(n_tokens, 1.0 / n_tokens)
     distances = np.empty(max(n_layers - 1, 0))
     for layer in range(n_layers - 1):
-        cost = ot.dist(values[:, layer], values[:, layer + 1], metric="sqeuclidean")
+        cost = _ot().dist(values[:, layer], values[:, layer + 1], metric="sqeuclidean")
         # Rounding can leave the optimal cost a hair below zero for identical clouds.
-        total = float(ot.emd2(weights, weights, cost, numItermax=max(100_000, 50 * n_tokens * n_tokens)))
+        total = float(_ot().emd2(weights, weights, cost, numItermax=max(100_000, 50 * n_tokens * n_tokens)))
         distances[layer] = np.sqrt(max(total, 0.0))
     return distances
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokentrail.store import TraceStore
 from tokentrail.terminal import SafeConsole
-from tokentrail.trace import Tracer
+
+if TYPE_CHECKING:  # the tracer imports torch; a run that traces nothing never needs it
+    from tokentrail.trace import Tracer
 
 
 @dataclass

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from tokentrail.core.trace import TraceOptions
 from tokentrail.engines.local import TraceReport, progress_bar
 from tokentrail.errors import TokentrailError, first_line
-from tokentrail.models import EMBEDDED
+from tokentrail.models.sources import EMBEDDED
 from tokentrail.store import TraceStore
-from tokentrail.trace import TraceOptions
 
 if TYPE_CHECKING:  # importing tokentrail.runs at run time would make runs -> engines -> runs a cycle
-    from tokentrail.runs import ModelSettings
+    from tokentrail.models.settings import ModelSettings
 
 INSTALL_HINT = "install the ray extra: pip install 'tokentrail[ray]'"
 
