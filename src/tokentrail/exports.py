@@ -1,8 +1,8 @@
 """Exports: a run's arrays as one .npz that loads with `np.load(path, allow_pickle=False)`, in bounded memory.
 
 The store is read shard by shard; every array that grows with the store (states, lens, every token's states and
-strings) is filled on disk through a memory-mapped temporary .npy beside the target and then copied into the
-archive in chunks, so an export needs about one shard in memory whatever the store holds. Arrays of one row per
+strings) is filled on disk through a temporary .npy beside the target (positioned writes, rows in the run's
+order) and then copied into the archive in chunks, so an export needs about one shard in memory whatever the store holds. Arrays of one row per
 prompt that the prompt set already holds in memory (ids, texts, categories, labels) are written directly.
 
 Layout (P prompts, L blocks, H hidden size, k top tokens, T tokens over all prompts):
@@ -41,29 +41,58 @@ def _width(strings: Any) -> int:
     return max((_width(item) for item in strings), default=1)
 
 
+class _Column:
+    """One array under construction as an .npy file, filled by positioned writes (rows in any order).
+
+    Not a memory map: pages written through a map count in the process's resident set until the kernel writes
+    them back, so an export of a big store would look (and be accounted) as big as the store."""
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_2_0(handle, header)
+            self.offset = handle.tell()
+        self.fd = os.open(path, os.O_RDWR)
+        # Reserve the blocks now: a full disk is an OSError here, not halfway through.
+        os.posix_fallocate(self.fd, 0, self.offset + self.row_bytes * shape[0])
+
+    def write(self, first_row: int, rows: Any) -> None:
+        """Rows `first_row`, `first_row + 1`, ... from `rows` (anything numpy turns into them)."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        os.pwrite(self.fd, data.tobytes(), self.offset + first_row * self.row_bytes)
+
+    def write_at(self, positions: np.ndarray, rows: Any) -> None:
+        """`rows[i]` to row `positions[i]`, one write per run of consecutive positions."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        order = np.argsort(positions, kind="stable")
+        positions, data = np.asarray(positions)[order], data[order]
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        for chunk, block in zip(np.split(positions, breaks), np.split(data, breaks)):
+            self.write(int(chunk[0]), block)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Columns:
-    """Arrays under construction as memory-mapped .npy files in a temporary folder."""
+    """The arrays under construction, as .npy files in a temporary folder."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, _Column] = {}
 
-    def make(self, name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-        path = self.folder / f"{name}.npy"
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        # Reserve the blocks now: a full disk is then an OSError here, not a SIGBUS when a mapped page is written.
-        with open(path, "r+b") as handle:
-            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
-        self.arrays[name] = array
-        return array
+    def make(self, name: str, dtype: Any, shape: tuple[int, ...]) -> _Column:
+        self.arrays[name] = _Column(self.folder / f"{name}.npy", dtype, shape)
+        return self.arrays[name]
 
     def finish_into(self, writer: NpzWriter, names: Sequence[str]) -> None:
         for name in names:
-            array = self.arrays.pop(name)
-            array.flush()
-            del array  # unmapped before it is read back
-            writer.add_npy_file(name, self.folder / f"{name}.npy")
-            (self.folder / f"{name}.npy").unlink()
+            column = self.arrays.pop(name)
+            column.close()
+            writer.add_npy_file(name, column.path)
+            column.path.unlink()
 
 
 def export_run(run_dir: Path, to: Path, projection: bool | None = None) -> tuple[Path, list[str]]:
@@ -124,50 +153,54 @@ def _write(to: Path, run_dir: Path, prompt_set: Any, store: Any, token_offsets: 
     total = int(token_offsets[-1])
     with tempfile.TemporaryDirectory(dir=to.parent if to.parent.is_dir() else None, prefix=".export-") as folder:
         columns = _Columns(Path(folder))
-        per_prompt = [key for key in ("states", "final_states", "next_token_ids", "next_token_probs",
-                                      "lens_token_ids", "lens_probs") if key in shapes]
-        for key in per_prompt:
-            columns.make(key, shapes[key][1], (n, *shapes[key][0]))
-        k = shapes["next_token_ids"][0][0]
-        columns.make("next_tokens", f"<U{widths['next_tokens']}", (n, k))
-        if has_lens:
-            columns.make("lens_tokens", f"<U{widths['lens_tokens']}", (n, *shapes["lens_token_ids"][0]))
-        columns.make("token_ids", np.int64, (total,))
-        columns.make("tokens", f"<U{widths['tokens']}", (total,))
-        if every_token and "token_states" in shapes:
-            columns.make("token_states", shapes["token_states"][1], (total, *shapes["token_states"][0]))
-        # Pass 2: every row to its place, one shard in memory at a time.
-        for positions, rows, arrays, meta in store.iter_shards(texts):
+        try:
+            per_prompt = [key for key in ("states", "final_states", "next_token_ids", "next_token_probs",
+                                          "lens_token_ids", "lens_probs") if key in shapes]
             for key in per_prompt:
-                columns.arrays[key][positions] = arrays[key][rows]
-            columns.arrays["next_tokens"][positions] = [meta["next_tokens"][row] for row in rows]
+                columns.make(key, shapes[key][1], (n, *shapes[key][0]))
+            k = shapes["next_token_ids"][0][0]
+            columns.make("next_tokens", f"<U{widths['next_tokens']}", (n, k))
             if has_lens:
-                columns.arrays["lens_tokens"][positions] = [meta["lens_tokens"][row] for row in rows]
-            offsets = arrays["token_offsets"]
-            for position, row in zip(positions, rows):
-                start, end = token_offsets[position], token_offsets[position + 1]
-                span = slice(int(offsets[row]), int(offsets[row + 1]))
-                if end - start != span.stop - span.start:
-                    raise StoreError(f"{run_dir}: a shard changed while it was exported; export again")
-                columns.arrays["token_ids"][start:end] = arrays["token_ids"][span]
-                columns.arrays["tokens"][start:end] = meta["tokens"][row]
-                if "token_states" in columns.arrays:
-                    columns.arrays["token_states"][start:end] = arrays["token_states"][span]
-        n_layers = shapes["states"][0][0] - 1
-        in_memory = {
-            "layers": np.arange(n_layers + 1, dtype=np.int64),
-            "prompts": np.array(texts, dtype=str),
-            "prompt_ids": np.array(prompt_set.ids, dtype=str),
-            "categories": np.array(prompt_set.categories, dtype=str),
-            "labels": np.array(prompt_set.labels, dtype=str),
-            "token_offsets": token_offsets,
-            **extra,
-        }
-        with atomic_writer(to) as handle:
-            writer = NpzWriter(handle)
-            for name in sorted([*in_memory, *columns.arrays]):
-                if name in in_memory:
-                    writer.add(name, in_memory[name])
-                else:
-                    columns.finish_into(writer, [name])
-            writer.close()
+                columns.make("lens_tokens", f"<U{widths['lens_tokens']}", (n, *shapes["lens_token_ids"][0]))
+            columns.make("token_ids", np.int64, (total,))
+            columns.make("tokens", f"<U{widths['tokens']}", (total,))
+            if every_token and "token_states" in shapes:
+                columns.make("token_states", shapes["token_states"][1], (total, *shapes["token_states"][0]))
+            # Pass 2: every row to its place, one shard in memory at a time.
+            for positions, rows, arrays, meta in store.iter_shards(texts):
+                for key in per_prompt:
+                    columns.arrays[key].write_at(positions, arrays[key][rows])
+                columns.arrays["next_tokens"].write_at(positions, [meta["next_tokens"][row] for row in rows])
+                if has_lens:
+                    columns.arrays["lens_tokens"].write_at(positions, [meta["lens_tokens"][row] for row in rows])
+                offsets = arrays["token_offsets"]
+                for position, row in zip(positions, rows):
+                    start, end = token_offsets[position], token_offsets[position + 1]
+                    span = slice(int(offsets[row]), int(offsets[row + 1]))
+                    if end - start != span.stop - span.start:
+                        raise StoreError(f"{run_dir}: a shard changed while it was exported; export again")
+                    columns.arrays["token_ids"].write(int(start), arrays["token_ids"][span])
+                    columns.arrays["tokens"].write(int(start), meta["tokens"][row])
+                    if "token_states" in columns.arrays:
+                        columns.arrays["token_states"].write(int(start), arrays["token_states"][span])
+            n_layers = shapes["states"][0][0] - 1
+            in_memory = {
+                "layers": np.arange(n_layers + 1, dtype=np.int64),
+                "prompts": np.array(texts, dtype=str),
+                "prompt_ids": np.array(prompt_set.ids, dtype=str),
+                "categories": np.array(prompt_set.categories, dtype=str),
+                "labels": np.array(prompt_set.labels, dtype=str),
+                "token_offsets": token_offsets,
+                **extra,
+            }
+            with atomic_writer(to) as handle:
+                writer = NpzWriter(handle)
+                for name in sorted([*in_memory, *columns.arrays]):
+                    if name in in_memory:
+                        writer.add(name, in_memory[name])
+                    else:
+                        columns.finish_into(writer, [name])
+                writer.close()
+        finally:
+            for column in columns.arrays.values():
+                column.close()
