@@ -67,7 +67,7 @@ def memory(config: str, n_prompts: int, n_tokens: int) -> None:
     from workloads import long_token_ids
 
     from tokentrail.models import load_model
-    from tokentrail.trace import TraceOptions, Tracer
+    from tokentrail.tracing import TraceOptions, Tracer
 
     loaded = load_model("default")
     model = loaded.model
@@ -183,7 +183,7 @@ def make_store(out_dir: str, n_prompts: int, n_layers: int, hidden: int, batch: 
     from tokentrail.atomic import atomic_write_json
     from tokentrail.prompts import Prompt, PromptSet
     from tokentrail.store import TraceStore
-    from tokentrail.trace import Trace, TraceOptions
+    from tokentrail.tracing import Trace, TraceOptions
 
     started = time.perf_counter()
     categories = ("math", "code", "poetry", "logic")
@@ -235,7 +235,7 @@ def store_scale(out_dir: str, n_shards: int, per_shard: int, n_layers: int, hidd
 
     from tokentrail.atomic import atomic_write_json
     from tokentrail.store import TraceStore
-    from tokentrail.trace import Trace, TraceOptions
+    from tokentrail.tracing import Trace, TraceOptions
 
     options = TraceOptions(logit_lens=False, top_k=1)
     fingerprint = {"name": "synthetic", "kind": "synthetic", "weights_sha256": "0" * 64, "dtype": "float32"}

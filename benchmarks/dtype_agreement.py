@@ -79,7 +79,7 @@ def analysis(trace) -> dict[str, Any]:
 def measure(spec: str, presets: list[str], repeats: int) -> dict[str, Any]:
     from tokentrail.models import load_model
     from tokentrail.prompts import load_preset
-    from tokentrail.trace import TraceOptions, Tracer
+    from tokentrail.tracing import TraceOptions, Tracer
 
     tracers = {}
     for dtype in DTYPES:

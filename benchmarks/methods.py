@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tokentrail.models import LoadedModel
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 Method = Callable[[], tuple[np.ndarray, np.ndarray | None]]
 

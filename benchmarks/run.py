@@ -59,7 +59,7 @@ def version_of(distribution: str) -> str | None:
 def machine() -> dict[str, Any]:
     import torch
 
-    from tokentrail.trace import usable_cpus
+    from tokentrail.tracing import usable_cpus
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -159,7 +159,7 @@ def throughput(args) -> dict[str, Any]:
     from workloads import mixed_prompts
 
     from tokentrail.models import load_model
-    from tokentrail.trace import TraceOptions, Tracer, set_sane_threads
+    from tokentrail.tracing import TraceOptions, Tracer, set_sane_threads
 
     set_sane_threads()
     loaded = load_model("default")
@@ -254,7 +254,7 @@ def throughput(args) -> dict[str, Any]:
 
 def memory(args) -> dict[str, Any]:
     from tokentrail.models import load_model
-    from tokentrail.trace import Tracer, batch_cost, default_memory_budget
+    from tokentrail.tracing import Tracer, batch_cost, default_memory_budget
 
     configs = {}
     for config in ("bare", "tokentrail", "hidden_states"):
@@ -397,7 +397,7 @@ def _dtypes_on(device: str, args, batch_size: int | None) -> dict[str, Any]:
     from workloads import mixed_prompts
 
     from tokentrail.models import load_model
-    from tokentrail.trace import TraceOptions, Tracer
+    from tokentrail.tracing import TraceOptions, Tracer
 
     out: dict[str, Any] = {"device": device, "batch_size": batch_size}
     states: dict[str, Any] = {}

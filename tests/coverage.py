@@ -122,7 +122,7 @@ def _hooks_agree_with_hidden_states(layers: np.ndarray, hidden: list[np.ndarray]
 
 def check_traced(loaded) -> str:
     """Trace PROMPTS batched and compare with the reference; returns the batching used, raises WrongNumbers."""
-    from tokentrail.trace import TraceOptions, Tracer
+    from tokentrail.tracing import TraceOptions, Tracer
 
     tracer = Tracer(loaded, TraceOptions(top_k=5), batch_size=len(PROMPTS))
     trace = tracer.trace(PROMPTS)

@@ -22,7 +22,7 @@ from tokentrail.errors import ModelLoadError, TokentrailError
 from tokentrail.models import from_objects
 from tokentrail.prompts import Prompt, PromptSet, load_preset
 from tokentrail.runs import load_trace, trace_run
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 # Fewer label shuffles than the default keep the suite fast; the statistics are tested elsewhere.
 FAST = CompareOptions(permutations=20, cka_permutations=20)

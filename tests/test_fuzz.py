@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tokentrail.prompts import load_prompt_file
 from tokentrail.store import TraceStore
-from tokentrail.trace import Trace
+from tokentrail.tracing import Trace
 
 # Any unicode but NUL (refused on purpose) and lone surrogates (not encodable as UTF-8).
 characters = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")

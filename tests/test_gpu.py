@@ -14,7 +14,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from tokentrail.models import from_objects, load_model
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

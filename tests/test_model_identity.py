@@ -235,7 +235,7 @@ def test_file_outside_a_hub_cache_is_hashed(tmp_path):
 
 def holding_one_trace(store: TraceStore) -> TraceStore:
     """The store with one traced prompt in it: an empty store has nothing to protect and takes any model."""
-    from tokentrail.trace import Trace
+    from tokentrail.tracing import Trace
 
     store.add(Trace(prompt_ids=["p"], prompts=["p"], categories=["c"], labels=[""],
                     states=np.zeros((1, 2, 3), np.float32), final_states=np.zeros((1, 3), np.float32),

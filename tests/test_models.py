@@ -13,7 +13,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_model
 from tokentrail.errors import ArchitectureError, ModelLoadError
 from tokentrail.models import cache_root, embedded_gguf_path, find_parts, load_model, resolve_source
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 EXPECTED_PATHS = {
     "gpt2": ("transformer.h", "transformer.ln_f"),

@@ -15,7 +15,7 @@ from tokentrail.engines.local import trace_into_store
 from tokentrail.errors import TokentrailError
 from tokentrail.runs import ModelSettings
 from tokentrail.store import TraceStore
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 
 def _ray():

@@ -26,7 +26,7 @@ from tokentrail.engines import ray as ray_engine
 from tokentrail.errors import TokentrailError
 from tokentrail.runs import ModelSettings
 from tokentrail.store import TraceStore
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 TEXTS = [
     "The capital of France is",

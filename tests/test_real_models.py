@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 PROMPTS = [
     "The capital of France is",

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from coverage import PROMPTS, _relative, reference
 from tokentrail.errors import ArchitectureError
 from tokentrail.models import from_objects, parts
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 from zoo import tiny_causal_lm
 
 

@@ -29,7 +29,7 @@ from tokentrail.steer import (
     wilson_interval,
 )
 from tokentrail.tasks import generate_problems
-from tokentrail.trace import Trace, TraceOptions, Tracer
+from tokentrail.tracing import Trace, TraceOptions, Tracer
 
 PROMPTS = [
     "If John has 50 apples and gives 12 to Mary, he has",

@@ -19,7 +19,7 @@ from tokentrail.errors import StoreError
 from tokentrail.prompts import PromptSet, load_prompt_file
 from tokentrail.runs import BatchSettings, ModelSettings, load_trace, trace_run
 from tokentrail.store import TraceStore, prompt_key
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 TEXTS = ["The capital of France is", "def f(x):", "Once upon a time", "15 * 44 + 12 =", "All men are mortal."]
 

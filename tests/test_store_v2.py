@@ -16,7 +16,7 @@ import pytest
 from tokentrail import store as store_module
 from tokentrail.errors import StoreError
 from tokentrail.store import TraceStore, prompt_key
-from tokentrail.trace import Trace
+from tokentrail.tracing import Trace
 
 MODEL = {"name": "m", "kind": "dir", "weights_sha256": "w", "config_sha256": "c", "tokenizer_sha256": "t",
          "dtype": "float32"}

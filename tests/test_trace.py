@@ -8,7 +8,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from tokentrail.errors import TokentrailError
-from tokentrail.trace import TraceOptions, Tracer
+from tokentrail.tracing import TraceOptions, Tracer
 
 PROMPTS = [
     "The capital of France is",

@@ -137,11 +137,10 @@ def _separation_table(separation: dict[str, Any]) -> tuple[list[str], list[list[
     return header, rows
 
 
-def write_metrics(
-    result: AnalysisResult, prompt_ids: list[str], categories: list[str], out_dir: Path
-) -> list[Path]:
-    """Write the tables into `out_dir/metrics/` and `out_dir/summary.json`; return the paths written."""
-    out_dir = Path(out_dir)
+def metric_tables(result: AnalysisResult, prompt_ids: list[str], categories: list[str],
+                  ) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """Every table of an analysis as (header, rows), keyed by its CSV file name: what `analyze` writes and what
+    the notebook API shows as DataFrames."""
     n_prompts = np.asarray(result.projection).shape[0]
     if len(prompt_ids) != n_prompts or len(categories) != n_prompts:
         raise ValueError(
@@ -194,6 +193,15 @@ def write_metrics(
              for p in range(n_prompts) for layer in range(token_cosine.shape[1])],
         )
 
+    return tables
+
+
+def write_metrics(
+    result: AnalysisResult, prompt_ids: list[str], categories: list[str], out_dir: Path
+) -> list[Path]:
+    """Write the tables into `out_dir/metrics/` and `out_dir/summary.json`; return the paths written."""
+    out_dir = Path(out_dir)
+    tables = metric_tables(result, prompt_ids, categories)
     metrics_dir = out_dir / "metrics"
     written: list[Path] = []
     for name in TABLES:

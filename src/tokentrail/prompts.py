@@ -699,6 +699,19 @@ def load_prompt_file(path: str | Path) -> PromptSet:
     return _validated(records, name or path.stem, source, description)
 
 
+def prompt_set_from_data(data: Any, name: str = "prompts") -> PromptSet:
+    """A prompt set from Python values, by the rules of a JSON prompt file: a list of texts or of
+    `{text, category, id, label}` mappings, `{category: [texts]}`, or `{prompts: [...], name, description}`."""
+    if isinstance(data, str):
+        data = [data]
+    try:
+        records, set_name, description = _records_from_data(data, "python", 1)
+        return _validated(records, set_name or name, "python", description)
+    except PromptFileError as exc:  # Python values have no file lines: keep only the problem
+        problem = re.sub(r"^python: (line \d+: )?", "", str(exc))
+        raise PromptFileError(f"prompts given in Python: {problem}") from None
+
+
 def preset_names() -> list[str]:
     folder = resources.files("tokentrail") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))

@@ -37,7 +37,7 @@ from tokentrail.store import TraceStore
 
 if TYPE_CHECKING:  # loading a model imports torch; reading a run must not
     from tokentrail.models.loading import LoadedModel
-    from tokentrail.trace import Tracer
+    from tokentrail.tracing import Tracer
 
 RUN_FILE = "run.json"
 
@@ -114,7 +114,7 @@ def trace_run(
         model_settings: dict[str, Any] = {"spec": model.name, "in_memory": True}
 
         def make_tracer() -> Tracer:
-            from tokentrail.trace import Tracer
+            from tokentrail.tracing import Tracer
 
             return Tracer(model, options, batch_size=batching.batch_size, padding_side=batching.padding_side)
     else:
@@ -122,7 +122,7 @@ def trace_run(
         model_settings = asdict(model)
 
         def make_tracer() -> Tracer:
-            from tokentrail.trace import Tracer
+            from tokentrail.tracing import Tracer
 
             tracer = Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
             made.append(tracer)
@@ -352,7 +352,7 @@ def analysis_options(run: dict[str, Any], **overrides: Any):
     return AnalysisOptions(**{k: v for k, v in saved.items() if k in known})
 
 
-def _check_analysable(trace: Trace, run_dir: Path) -> None:
+def check_analysable(trace: Trace, run_dir: Path) -> None:
     """Refuse prompt sets the analyses cannot read honestly, before anything is written."""
     if len(trace) < 2:
         raise TokentrailError(f"{run_dir}: a projection needs at least 2 prompts, the run has {len(trace)}; add prompts")
@@ -373,7 +373,7 @@ def compute_analysis(run_dir: Path, options=None):
 
     run, trace = load_trace(run_dir)
     options = options or analysis_options(run)
-    _check_analysable(trace, run_dir)
+    check_analysable(trace, run_dir)
     try:
         result = analyze_states(trace.states, trace.final_states, trace.categories, options,
                                 token_states=trace.token_states)

@@ -88,7 +88,7 @@ class _Reference:
 
 @torch.inference_mode()
 def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
-    from tokentrail.trace import _first_tensor, _supports
+    from tokentrail.tracing import _first_tensor, _supports
 
     parts = loaded.parts
     device = next(loaded.model.parameters()).device
@@ -154,7 +154,7 @@ def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
 def _traced(loaded: LoadedModel, encoded: list[list[int]], padding: str) -> tuple[dict[str, Any], int]:
     """The tracer's arrays for `encoded` with `padding` (or {"error": why}), and its forward-pass count."""
     from tokentrail.core.trace import TraceOptions
-    from tokentrail.trace import Tracer
+    from tokentrail.tracing import Tracer
 
     loaded.parts.padding = padding
     tracer = Tracer(loaded, TraceOptions(position="all", top_k=1, logit_lens=False), batch_size=len(encoded),
@@ -252,7 +252,7 @@ def _readout_error(loaded: LoadedModel, arrays: dict[str, Any], reference: _Refe
 
 def self_check(loaded: LoadedModel) -> SelfCheckReport:
     """Prove the tracer on this model, choose how it batches, and refuse it with one line if it cannot."""
-    from tokentrail.trace import Tracer
+    from tokentrail.tracing import Tracer
 
     started = time.perf_counter()
     tolerance = TOLERANCE["float32" if loaded.model.dtype == torch.float32 else "half"]

@@ -39,7 +39,7 @@ import torch
 from tokentrail.core.trace import Trace, TraceOptions
 from tokentrail.errors import TokentrailError
 from tokentrail.models.loading import LoadedModel
-from tokentrail.trace import Tracer
+from tokentrail.tracing import Tracer
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -13,7 +13,7 @@ from tokentrail.store import TraceStore
 from tokentrail.terminal import SafeConsole
 
 if TYPE_CHECKING:  # the tracer imports torch; a run that traces nothing never needs it
-    from tokentrail.trace import Tracer
+    from tokentrail.tracing import Tracer
 
 
 @dataclass

@@ -69,7 +69,7 @@ class ShardWorker:
     def _setup(self) -> None:
         import torch
 
-        from tokentrail.trace import Tracer
+        from tokentrail.tracing import Tracer
 
         if self.threads:
             torch.set_num_threads(self.threads)
