@@ -150,3 +150,23 @@ def test_planted_divergence_layer():
     assert result[2, 0] == 6 and result[0, 2] == 6
     identical = np.repeat(states[:1], 2, axis=0)
     assert (divergence_layers(identical) == -1).all()
+
+
+def test_explain_prompt_adds_the_steps_to_prompt_bifurcation():
+    from tokentrail.analysis.bifurcation import explain_prompt, prompt_bifurcation
+
+    rng = np.random.default_rng(3)
+    states = rng.normal(size=(6, 5, 4))
+    categories = ["a", "a", "a", "b", "b", "b"]
+    found = explain_prompt(states, categories, 1, sustain=1, metric="euclidean")
+    plain = prompt_bifurcation(states, categories, 1, sustain=1, metric="euclidean")
+    assert (found.layer, found.toward, found.category) == (plain["layer"], plain["toward"], "a")
+    np.testing.assert_array_equal(found.distance_own, plain["distance_own"])
+    # Steps by hand: the size of each layer's change, for the prompt and for the rest of its category.
+    by_hand = [np.sqrt(((states[1, layer] - states[1, layer - 1]) ** 2).sum()) for layer in range(1, 5)]
+    np.testing.assert_allclose(found.step[1:], by_hand)
+    rest = [np.mean([np.sqrt(((states[p, layer] - states[p, layer - 1]) ** 2).sum()) for p in (0, 2)])
+            for layer in range(1, 5)]
+    np.testing.assert_allclose(found.category_step[1:], rest)
+    assert np.isnan(found.step[0]) and np.isnan(found.category_step[0])
+    assert found.sentence.endswith("(euclidean distance to leave-one-out centroids, sustained for 1 layers)")

@@ -251,7 +251,7 @@ def run(
 ) -> None:
     """Trace what is missing, then run every analysis and figure, and say where the results are."""
     from tokentrail.prompts import resolve_prompts
-    from tokentrail.runs import report_run
+    from tokentrail.runs import compute_analysis, report_run
 
     # Every option is checked before the model loads: a typo in an analysis option must not cost a trace.
     prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
@@ -271,8 +271,10 @@ def run(
                       visible(trace_result.prompts[i][:50]), repr(trace_result.next_tokens[i][0]),
                       f"{trace_result.next_token_probs[i][0]:.3f}")
     out.print(table)
-    _analysis(out_dir, options)
-    report_path = report_run(out_dir, fps=fps)
+    # One analysis for the tables, the figures and the report.
+    computed = compute_analysis(out_dir, options)
+    _analysis(out_dir, options, computed)
+    report_path = report_run(out_dir, fps=fps, computed=computed)
     out.print(f"figures: {out_dir / 'figures'}")
     out.print(f"report: {report_path}")
     out.print(f"results: {out_dir.resolve()}")
@@ -304,10 +306,10 @@ def _analysis_options(run_dir: Path, categories: list[str] | None, layers, inclu
     return options
 
 
-def _analysis(run_dir: Path, options):
+def _analysis(run_dir: Path, options, computed=None):
     from tokentrail.runs import analyze_run
 
-    result, _ = analyze_run(run_dir, options)
+    result, _ = analyze_run(run_dir, options, computed)
     summary = result.summary
     for warning in result.warnings:
         err.print(warning_text(warning))
@@ -371,42 +373,21 @@ def bifurcation(
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
 ) -> None:
     """When does one prompt leave its own category, and toward which? Layer by layer."""
-    from tokentrail.analysis.bifurcation import prompt_bifurcation
-    from tokentrail.runs import load_trace
+    from tokentrail.runs import explain_bifurcation
 
-    _, trace_result = load_trace(run_dir)
-    matches = [i for i, (pid, label) in enumerate(zip(trace_result.prompt_ids, trace_result.labels))
-               if prompt in (pid, label)]
-    if not matches:
-        raise TokentrailError(f"no prompt with id or label {prompt!r} in {run_dir}; see `tokentrail info {run_dir}`")
-    index = matches[0]
-    try:
-        explained = prompt_bifurcation(trace_result.states, trace_result.categories, index, sustain=sustain,
-                                       metric=metric)
-    except ValueError as exc:
-        raise TokentrailError(str(exc)) from None
-    steps = np.linalg.norm(np.diff(trace_result.states, axis=1), axis=-1)  # [P, L]
-    own = [i for i, c in enumerate(trace_result.categories) if c == explained["category"] and i != index]
-    table = Table(title=f"{trace_result.prompt_ids[index]} ({explained['category']}): {trace_result.prompts[index]!r}")
+    trace_result, found = explain_bifurcation(run_dir, prompt, sustain=sustain, metric=metric)
+    index = found.index
+    table = Table(title=f"{trace_result.prompt_ids[index]} ({found.category}): {trace_result.prompts[index]!r}")
     for column in ("layer", "to own category", "to nearest other", "nearest other", "outside", "step",
                    "category step"):
         table.add_column(column)
-    rows = zip(explained["distance_own"], explained["distance_nearest_other"], explained["nearest_other"],
-               explained["outside"])
-    for layer, (own_distance, other, name, outside) in enumerate(rows):
-        step = f"{steps[index, layer - 1]:.2f}" if layer else ""
-        category_step = f"{steps[own, layer - 1].mean():.2f}" if layer and own else ""
-        table.add_row(str(layer), f"{own_distance:.4f}", f"{other:.4f}", name, "yes" if outside else "", step,
-                      category_step)
+    for layer in range(len(found.distance_own)):
+        table.add_row(str(layer), f"{found.distance_own[layer]:.4f}", f"{found.distance_nearest_other[layer]:.4f}",
+                      found.nearest_other[layer], "yes" if found.outside[layer] else "",
+                      "" if np.isnan(found.step[layer]) else f"{found.step[layer]:.2f}",
+                      "" if np.isnan(found.category_step[layer]) else f"{found.category_step[layer]:.2f}")
     out.print(table)
-    where = f"({metric} distance to leave-one-out centroids, sustained for {sustain} layers)"
-    if explained["layer"] >= 0:
-        out.print(f"leaves its category at layer {explained['layer']} toward {explained['toward']!r} {where}")
-    elif all(explained["outside"]):
-        out.print(f"closer to another category than to its own at every layer, from the embedding on: it never "
-                  f"sits with {explained['category']!r}, so there is nothing to leave {where}")
-    else:
-        out.print(f"never leaves its category {where}")
+    out.print(found.sentence)
 
 
 @app.command(epilog="Example: `tokentrail compare runs/smol-spectrum runs/gemma-spectrum --out runs/compare`")

@@ -17,7 +17,7 @@ import json
 import platform
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -385,8 +385,10 @@ def compute_analysis(run_dir: Path, options=None):
 def projection_extras(run_dir: Path) -> dict[str, np.ndarray]:
     """The run's projection arrays for an export (from the in-memory analysis, so the numbers `analyze` gives);
     none for a run too small to project."""
+    # The projection does not depend on the permutation tests; an export has no use for their cost.
+    options = replace(analysis_options(read_run(run_dir)), n_permutations=0)
     try:
-        _, _, result, _ = compute_analysis(run_dir)
+        _, _, result, _ = compute_analysis(run_dir, options)
     except StoreError:
         raise
     except TokentrailError:
@@ -399,11 +401,26 @@ def projection_extras(run_dir: Path) -> dict[str, np.ndarray]:
     }
 
 
-def analyze_run(run_dir: Path, options=None):
-    """Recompute every analysis from the store into metrics/*.csv and summary.json."""
+def explain_bifurcation(run_dir: Path, prompt: str, sustain: int = 2, metric: str = "cosine"):
+    """When the run's prompt `prompt` (its id, or its label) leaves its category: (trace, PromptBifurcation)."""
+    from tokentrail.analysis.bifurcation import explain_prompt
+
+    _, trace = load_trace(run_dir)
+    matches = [i for i, (pid, label) in enumerate(zip(trace.prompt_ids, trace.labels)) if prompt in (pid, label)]
+    if not matches:
+        raise TokentrailError(f"no prompt with id or label {prompt!r} in {run_dir}; see `tokentrail info {run_dir}`")
+    try:
+        return trace, explain_prompt(trace.states, trace.categories, matches[0], sustain=sustain, metric=metric)
+    except ValueError as exc:
+        raise TokentrailError(str(exc)) from None
+
+
+def analyze_run(run_dir: Path, options=None, computed=None):
+    """Recompute every analysis from the store into metrics/*.csv and summary.json. `computed` is what
+    `compute_analysis` returned, when the caller already has it (`tokentrail run` analyses once)."""
     from tokentrail.metrics import write_metrics
 
-    _, trace, result, options = compute_analysis(run_dir, options)
+    _, trace, result, options = computed if computed is not None else compute_analysis(run_dir, options)
     paths = write_metrics(result, trace.prompt_ids, trace.categories, Path(run_dir))
     update_run(run_dir, analysis=asdict(options))
     return result, paths
@@ -462,15 +479,18 @@ def _steer_section(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def report_run(run_dir: Path, fps: float = 4) -> Path:
-    """Figures, the tables `analyze` wrote and any steering results, on one offline page."""
+def report_run(run_dir: Path, fps: float = 4, computed=None) -> Path:
+    """Figures, the tables `analyze` wrote and any steering results, on one offline page. `computed` is what
+    `compute_analysis` returned with the run's saved options, when the caller already has it."""
     from tokentrail.viz import make_all_figures
     from tokentrail.viz.report import build_report
 
     run_dir = Path(run_dir)
-    run, trace, result, _ = compute_analysis(run_dir)
+    computed = computed if computed is not None else compute_analysis(run_dir)
+    _, trace, result, _ = computed
     if not (run_dir / "summary.json").exists():
-        analyze_run(run_dir)
+        analyze_run(run_dir, computed=computed)
+    run = read_run(run_dir)  # as the analysis left it: its options are shown
     meta = figure_meta(run, trace)
     figures = make_all_figures(result, meta, run_dir, fps=fps)
     tables = {

@@ -19,6 +19,7 @@ Distances: "cosine" (1 - cos, insensitive to the norm growth with depth; the def
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -184,3 +185,56 @@ def divergence_layers(states: np.ndarray, metric: str = "cosine") -> np.ndarray:
         previous = current
     np.fill_diagonal(best_layer, -1)
     return best_layer
+
+
+@dataclass(frozen=True)
+class PromptBifurcation:
+    """One prompt's way through the layers against its category: what `tokentrail bifurcation` shows.
+
+    Per layer 0..L: `distance_own`, `distance_nearest_other`, `nearest_other`, `outside`, and `step` / `category_step`
+    (the norm of the state's change into that layer, for the prompt and the mean over the rest of its category;
+    nan at layer 0, and for `category_step` when the prompt is alone in its category).
+    """
+
+    index: int
+    category: str
+    layer: int  # -1: never leaves
+    toward: str
+    metric: str
+    sustain: int
+    distance_own: np.ndarray
+    distance_nearest_other: np.ndarray
+    nearest_other: list[str]
+    outside: np.ndarray
+    step: np.ndarray
+    category_step: np.ndarray
+
+    @property
+    def sentence(self) -> str:
+        """The finding in words, with how it was measured."""
+        where = f"({self.metric} distance to leave-one-out centroids, sustained for {self.sustain} layers)"
+        if self.layer >= 0:
+            return f"leaves its category at layer {self.layer} toward {self.toward!r} {where}"
+        if bool(np.all(self.outside)):
+            return (f"closer to another category than to its own at every layer, from the embedding on: it never "
+                    f"sits with {self.category!r}, so there is nothing to leave {where}")
+        return f"never leaves its category {where}"
+
+
+def explain_prompt(states: np.ndarray, categories: Sequence[str], index: int, sustain: int = 2,
+                   metric: str = "cosine") -> PromptBifurcation:
+    """`prompt_bifurcation` with the step sizes beside it, as one dataclass."""
+    explained = prompt_bifurcation(states, categories, index, sustain=sustain, metric=metric)
+    values = np.asarray(states, dtype=np.float64)
+    steps = np.linalg.norm(np.diff(values, axis=1), axis=-1)  # [P, L]
+    index = explained["index"]
+    own = [i for i, category in enumerate(categories) if category == explained["category"] and i != index]
+    nan = np.array([np.nan])
+    return PromptBifurcation(
+        index=index, category=explained["category"], layer=int(explained["layer"]), toward=explained["toward"],
+        metric=metric, sustain=sustain, distance_own=np.asarray(explained["distance_own"]),
+        distance_nearest_other=np.asarray(explained["distance_nearest_other"]),
+        nearest_other=list(explained["nearest_other"]), outside=np.asarray(explained["outside"], dtype=bool),
+        step=np.concatenate([nan, steps[index]]),
+        category_step=np.concatenate([nan, steps[own].mean(axis=0) if own else np.full(steps.shape[1], np.nan)]),
+    )
