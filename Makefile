@@ -58,6 +58,7 @@ models-doc: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf tokentrail-out .pytest_cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from tokentrail._version import __version__
 
 _API = ("load_model", "trace", "trace_run", "open_run", "Run")
 _CORE = ("Trace", "TraceOptions")

@@ -11,7 +11,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from tokentrail import __version__
+from tokentrail._version import __version__
 from tokentrail.errors import TokentrailError, first_line
 from tokentrail.terminal import SafeConsole, VisibleFormatter, visible, warning_text
 

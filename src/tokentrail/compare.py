@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tokentrail import __version__
+from tokentrail._version import __version__
 from tokentrail.analysis.bifurcation import bifurcation_layers
 from tokentrail.analysis.pipeline import default_axis
 from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tokentrail import __version__
+from tokentrail._version import __version__
 from tokentrail.atomic import atomic_write_bytes, atomic_write_json
 from tokentrail.core.npz import npz_bytes
 from tokentrail.core.settings import BatchSettings, EngineSettings

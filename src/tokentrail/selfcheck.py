@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tokentrail.errors import ArchitectureError, TokentrailError, first_line
-from tokentrail.models.loading import LoadedModel
 from tokentrail.models.parts import _Chain, modules_around_blocks
+
+if TYPE_CHECKING:  # annotations only: loading sits above tracing
+    from tokentrail.models.loading import LoadedModel
 
 CHECK_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
 # Largest relative difference accepted, for states and for next-token log-probabilities alike: per token,

@@ -39,7 +39,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from tokentrail import __version__
+from tokentrail._version import __version__
 from tokentrail.atomic import atomic_create_bytes, atomic_write_bytes, atomic_write_json
 from tokentrail.core.trace import Trace
 from tokentrail.errors import StoreError

@@ -21,15 +21,17 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tokentrail.core.trace import Trace, TraceOptions, parse_position
 from tokentrail.errors import TokentrailError
-from tokentrail.models.loading import LoadedModel
 from tokentrail.models.parts import config_value, text_config_of
+
+if TYPE_CHECKING:  # annotations only: loading sits above tracing
+    from tokentrail.models.loading import LoadedModel
 
 # "none": only prompts of equal length share a forward pass. Right for every causal model; recurrent models
 # whose left padding runs pad tokens through the recurrence get it, or right padding, from the self-check.

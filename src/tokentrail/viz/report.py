@@ -458,7 +458,7 @@ def build_report(
 
 def _version() -> str:
     try:
-        from tokentrail import __version__
+        from tokentrail._version import __version__
 
         return str(__version__)
     except ImportError:  # pragma: no cover - the package always has it
