@@ -299,3 +299,19 @@ def test_write_metrics_checks_lengths(tmp_path):
 )
 def test_cell_format(value, text):
     assert format_cell(value) == text
+
+
+def test_summary_says_which_layers_each_analysis_used():
+    """--layers chooses the projection's layers only; the summary says so, so that no reader takes the
+    separation or bifurcation layers for the projection's subset."""
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(6, 5, 4))
+    categories = ["a"] * 3 + ["b"] * 3
+    result = analyze_states(states, states[:, -1], categories, AnalysisOptions(layers="0:L", n_permutations=0))
+    assert result.summary["analysis_layers"] == (
+        "projection: layers 0..3; dynamics, separation, bifurcations, divergence and axis scores: every raw layer "
+        "0..4 (the embedding and each block's raw output)")
+    assert len(result.separation["silhouette"]) == 5  # every layer, as the summary says
+    final = analyze_states(states, states[:, -1], categories,
+                           AnalysisOptions(layers="0,2", include_final=True, n_permutations=0))
+    assert final.summary["analysis_layers"].startswith("projection: layers 0, 2 and the final-normed state; ")

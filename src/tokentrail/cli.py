@@ -63,7 +63,9 @@ RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="Join a
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 LayersOpt = Annotated[
-    str | None, typer.Option("--layers", help="Layers to project: all, a:b (python slice, L = last block), or 0,5,10.")
+    str | None, typer.Option("--layers", help="Layers to project: all, a:b (python slice, L = last block), or 0,5,10. "
+                                              "The projection only: dynamics, separation and bifurcations use every "
+                                              "layer (summary.json: analysis_layers).")
 ]
 FinalOpt = Annotated[bool | None, typer.Option("--include-final/--no-include-final", help="Add the final-normed state.")]
 ComponentsOpt = Annotated[int | None, typer.Option("--components", help="PCA components: 2 or 3.")]

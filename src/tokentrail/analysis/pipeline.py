@@ -165,6 +165,18 @@ def _transport(
     return wasserstein, cosine
 
 
+def _layer_list(layers: Any, n_stored: int) -> str:
+    """The projection's layers in words; index `n_stored` is the final-normed state."""
+    values = [int(layer) for layer in np.asarray(layers).ravel()]
+    final = values[-1:] == [n_stored]
+    raw = values[:-1] if final else values
+    if raw and raw == list(range(raw[0], raw[-1] + 1)):
+        text = f"layers {raw[0]}..{raw[-1]}"
+    else:
+        text = "layers " + ", ".join(str(value) for value in raw)
+    return text + (" and the final-normed state" if final else "")
+
+
 def _finite_mean(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else None
@@ -193,6 +205,11 @@ def _summary(
         "categories": {name: int(np.sum(labels == name)) for name in names},
         "options": asdict(options),
         "projection_layers": result.layers,
+        # --layers chooses the projection's layers only; said here so that no reader takes a separation or
+        # bifurcation layer for one computed on the projection's subset.
+        "analysis_layers": (f"projection: {_layer_list(result.layers, n_layers)}; dynamics, separation, bifurcations, "
+                            f"divergence and axis scores: every raw layer 0..{n_layers - 1} (the embedding and "
+                            "each block's raw output)"),
         "explained_variance_ratio": result.explained_variance_ratio,
         "explained_variance_total": float(np.sum(result.explained_variance_ratio)),
         "depth_explained_variance_ratio": result.depth_explained_variance_ratio,
