@@ -417,10 +417,15 @@ def test_model_folder_without_weights(work, tiny_model_dir, capsys):
     assert snapshot(work) == before
 
 
-def test_model_folder_with_damaged_weights(work, tiny_model_dir, capsys):
-    folder = work / "damaged"
-    shutil.copytree(tiny_model_dir, folder)
+def damaged_copy(model_dir: Path, folder: Path) -> Path:
+    """A copy of a saved model whose weights file is not safetensors at all."""
+    shutil.copytree(model_dir, folder)
     (folder / "model.safetensors").write_bytes(b"\xff" * 4096)
+    return folder
+
+
+def test_model_folder_with_damaged_weights(work, tiny_model_dir, capsys):
+    folder = damaged_copy(tiny_model_dir, work / "damaged")
     before = snapshot(work)
     fails(capsys, ["trace", str(work / "prompts.txt"), "--model", str(folder), "--out", str(work / "new")],
           f"error: model '{folder}': a weights file is damaged or not safetensors (", exact=False)
@@ -490,9 +495,7 @@ def test_top_k_beyond_the_vocabulary(work, tiny_model_dir, capsys):
 
 def test_out_dir_reusable_after_a_failed_load(work, tiny_model_dir, capsys):
     """A model that fails to load (here: damaged weights) leaves nothing in --out that blocks another model."""
-    damaged = work / "damaged"
-    shutil.copytree(tiny_model_dir, damaged)
-    (damaged / "model.safetensors").write_bytes(b"\xff" * 4096)
+    damaged = damaged_copy(tiny_model_dir, work / "damaged")
     fresh = work / "fresh"
     assert cli.main(["trace", str(work / "prompts.txt"), "--model", str(damaged), "--out", str(fresh), "-q"]) == 2
     capsys.readouterr()

@@ -22,38 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_ray import ARRAYS, OPTIONS, TEXTS, _ray  # the same prompts and checks as the one-node tests
 from tokentrail.engines import ray as ray_engine
 from tokentrail.errors import TokentrailError
 from tokentrail.runs import ModelSettings
 from tokentrail.store import TraceStore
-from tokentrail.tracing import TraceOptions, Tracer
+from tokentrail.tracing import Tracer
 
-TEXTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "If John has 50 apples and gives 12 to Mary, he has",
-    "Solve",
-    "All men are mortal. Socrates is a man. Therefore,",
-    "Once upon a time in a castle there lived a king.",
-    "import numpy as np",
-    "The square root of 144 is 12.",
-    "Socrates is mortal.",
-    "fibonacci",
-    "Paris",
-]
-OPTIONS = TraceOptions(top_k=3, logit_lens=True)  # what the CLI call below asks for
-ARRAYS = ("states", "final_states", "next_token_ids", "next_token_probs", "lens_token_ids", "lens_probs")
 BATCH, SHARD = 3, 4  # 11 prompts: 3 shards, so both actors get work and one gets two shards
 
 pytestmark = pytest.mark.slow
-
-
-def _ray():
-    if os.environ.get("CI"):
-        import ray  # the ray extra is part of CI's setup: its absence must fail, not skip
-
-        return ray
-    return pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")

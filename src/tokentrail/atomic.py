@@ -60,13 +60,20 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """`path` if it exists, else its nearest ancestor that does (None for a relative path none of whose
+    ancestors exist)."""
+    path = Path(path)
+    return next((candidate for candidate in (path, *path.parents) if candidate.exists()), None)
+
+
 def write_error(path: Path, exc: OSError) -> StoreError:
     """One line for an OS error while writing `path`: what is wrong with the place, not errno jargon."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreError(f"disk full while writing {path}; nothing stored was changed: free space and rerun to resume")
     if path.is_dir():
         return StoreError(f"cannot write {path}: it is a directory; give a file path")
-    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    blocking = nearest_existing(path.parent)
     if blocking is not None and not blocking.is_dir():
         return StoreError(f"cannot write {path}: {blocking} is a file, not a directory")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -102,19 +102,28 @@ def _batch_size(value: str) -> int | None:
     return count
 
 
-def _nearest_existing(path: Path) -> Path:
-    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+def _blocked(folder: Path) -> tuple[Path, bool] | None:
+    """Why nothing can be made inside `folder`: its nearest existing ancestor (itself included) and whether that
+    is a file (else: not writable by this user); None when it can."""
+    from tokentrail.atomic import nearest_existing
+
+    existing = nearest_existing(folder) or Path(".")
+    if not existing.is_dir():
+        return existing, True
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return existing, False
+    return None
 
 
 def _out_dir(path: Path, option: str = "--out") -> Path:
     """Refuse an out directory that cannot be one, before any work: a file, or a place this user cannot write."""
     path = Path(path)
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+    blocked = _blocked(path)
+    if blocked is not None and blocked[1]:
+        what = "is a file" if blocked[0] == path else f"cannot be made: {blocked[0]} is a file"
         raise TokentrailError(f"{option} {path} {what}, not a directory; choose another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TokentrailError(f"{option} {path}: {existing} is not writable by you; choose another {option}")
+    if blocked is not None:
+        raise TokentrailError(f"{option} {path}: {blocked[0]} is not writable by you; choose another {option}")
     return path
 
 
@@ -123,11 +132,10 @@ def _out_file(path: Path, option: str = "--to") -> Path:
     path = Path(path)
     if path.is_dir():
         raise TokentrailError(f"{option} {path} is a directory; give a file path")
-    existing = _nearest_existing(path.parent)
-    if not existing.is_dir():
-        raise TokentrailError(f"{option} {path} cannot be written: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TokentrailError(f"{option} {path} cannot be written: {existing} is not writable by you")
+    blocked = _blocked(path.parent)
+    if blocked is not None:
+        why = "is a file, not a directory" if blocked[1] else "is not writable by you"
+        raise TokentrailError(f"{option} {path} cannot be written: {blocked[0]} {why}")
     return path
 
 

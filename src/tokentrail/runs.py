@@ -216,7 +216,7 @@ def traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet, 
         problems = store.verify(prompt_set.texts)
         if problems:
             raise StoreError(f"{run_dir}: {problems[0]}; rerun `tokentrail trace` on this run to recompute")
-    missing = sum(1 for text in prompt_set.texts if text not in store)
+    missing = sum(not held for held in store.holds(prompt_set.texts))  # one lookup for all, not one per prompt
     if missing:
         raise StoreError(f"{run_dir}: {missing} prompt(s) are not traced yet; rerun `tokentrail trace`")
     return run, prompt_set, store

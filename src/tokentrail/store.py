@@ -132,6 +132,7 @@ class TraceStore:
     writable: bool = False  # a handle opened to trace may set damaged shards aside and save the index cache
     _legacy: dict[str, Any] | None = None  # a format-1 manifest, while the store has no header.json
     _pending: dict[str, list[str]] = field(default_factory=dict)  # shards this handle committed, not yet indexed
+    _cache_names: list[str] | None = None  # the shards the index cache on disk describes, as last read or written
 
     def _current(self) -> _KeyIndex:
         if self._pending:
@@ -253,6 +254,8 @@ class TraceStore:
         """Index the committed shards: from the cache for the shards it knows, from sidecars for new ones."""
         names = self._listed()
         cached = self._load_cache()
+        self._pending = {}  # every listed shard is indexed below, this handle's own commits included
+        self._cache_names = cached[0] if cached is not None else None
         if cached is not None and set(cached[0]) <= set(names):
             self.shards = {name: {"keys": None, "bytes": size} for name, size in zip(cached[0], cached[1])}
             self.index = cached[2]
@@ -341,8 +344,7 @@ class TraceStore:
         if not self.writable or self._legacy is not None:
             return
         index = self._current()
-        cached = self._load_cache()
-        if cached is not None and cached[0] == index.names:
+        if self._cache_names == index.names:
             return
         names = index.names
         buffer_arrays = {
@@ -357,6 +359,7 @@ class TraceStore:
         buffer = BytesIO()
         np.savez(buffer, **buffer_arrays)
         atomic_write_bytes(self.root / INDEX_CACHE, buffer.getvalue())
+        self._cache_names = list(names)
 
     def keys_by_shard(self) -> dict[str, list[str]]:
         """Every committed shard's prompt keys, duplicates across shards included (for audits and tests)."""
@@ -416,7 +419,9 @@ class TraceStore:
     def verify(self, texts: Sequence[str] | None = None) -> list[str]:
         """Check the shards holding `texts` (all when None): checksum, parse, and the keys inside each shard
         against the index. Returns the problems found; a writer's handle sets the bad shards aside."""
-        keys = [prompt_key(t) for t in texts] if texts is not None else None
+        return self._verify_keys([prompt_key(t) for t in texts] if texts is not None else None)
+
+    def _verify_keys(self, keys: list[str] | None) -> list[str]:
         before = len(self.problems)
         bad = []
         for name, wanted in sorted(self._rows_by_shard(keys, allow_absent=True).items()):
@@ -437,8 +442,9 @@ class TraceStore:
 
     def missing(self, texts: Sequence[str]) -> list[str]:
         """Texts not yet traced (after verifying the shards of the others), in first-seen order, unique."""
-        self.verify(texts)
-        found, _, _ = self._current().locate([prompt_key(t) for t in texts])
+        keys = [prompt_key(t) for t in texts]
+        self._verify_keys(keys)
+        found, _, _ = self._current().locate(keys)
         seen: set[str] = set()
         out = []
         for text, present in zip(texts, found):
@@ -448,7 +454,7 @@ class TraceStore:
         return out
 
     def __contains__(self, text: str) -> bool:
-        return bool(self._current().locate([prompt_key(text)])[0][0])
+        return self.holds([text])[0]
 
     def __len__(self) -> int:
         return len(self._current())
