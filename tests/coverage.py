@@ -70,8 +70,18 @@ def _relative(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected)) / (np.max(np.abs(expected)) + 1e-12))
 
 
+def _batch_first(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """One prompt's tensor as [1, T, ...]: XLNet's blocks run sequence first, Gemma-3n's stack their AltUp
+    streams in front, CPM-Ant's carry prompt-tuning tokens ahead of the prompt."""
+    if tensor.ndim == 3 and tensor.shape[:2] == (length, 1):
+        return tensor.transpose(0, 1)
+    if tensor.ndim == 4 and tensor.shape[1:3] == (1, length):
+        return tensor.permute(1, 2, 0, 3)
+    return tensor[:, -length:]
+
+
 @torch.inference_mode()
-def reference(model: torch.nn.Module, blocks: list[torch.nn.Module], ids: list[int]):
+def reference(model: torch.nn.Module, blocks: list[torch.nn.Module], ids: list[int], entry: torch.nn.Module):
     """Unpadded forward of one prompt: our own block hooks, output_hidden_states and the next-token softmax."""
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -82,13 +92,20 @@ def reference(model: torch.nn.Module, blocks: list[torch.nn.Module], ids: list[i
                 inputs[index] = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
         return hook
 
-    def after(index):
+    # A block listed at several layers (shared or looped blocks, unrolled in the order they run) fills the
+    # next of its layers at each call.
+    layers_of: dict[torch.nn.Module, list[int]] = {}
+    for index, block in enumerate(blocks, start=1):
+        layers_of.setdefault(block, []).append(index)
+
+    def after(indices):
         def hook(module, args, output):
+            index = next((i for i in indices if i not in outputs), indices[-1])
             outputs[index] = _first_tensor(output).detach().clone()
         return hook
 
-    handles = [blocks[0].register_forward_pre_hook(before(0), with_kwargs=True)]
-    handles += [block.register_forward_hook(after(i)) for i, block in enumerate(blocks, start=1)]
+    handles = [entry.register_forward_pre_hook(before(0), with_kwargs=True)]
+    handles += [block.register_forward_hook(after(indices)) for block, indices in layers_of.items()]
     try:
         out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
     finally:
@@ -96,10 +113,11 @@ def reference(model: torch.nn.Module, blocks: list[torch.nn.Module], ids: list[i
             handle.remove()
     # A token's state is flattened: parallel residual streams [S, H] (hyper-connections) become one vector.
     # A block the forward pass skipped (Mllama's cross-attention layers without an image) passes its input on.
-    layers = [inputs[0][0, -1].reshape(-1)]
+    n = len(ids)
+    layers = [_batch_first(inputs[0], n)[0, -1].reshape(-1)]
     for i in range(1, len(blocks) + 1):
-        layers.append(outputs[i][0, -1].reshape(-1) if i in outputs else layers[-1])
-    hidden = [h[0, -1].reshape(-1).float().numpy() for h in out.hidden_states]
+        layers.append(_batch_first(outputs[i], n)[0, -1].reshape(-1) if i in outputs else layers[-1])
+    hidden = [_batch_first(h, n)[0, -1].reshape(-1).float().numpy() for h in out.hidden_states]
     probs = torch.softmax(out.logits[0, -1].float(), -1).numpy()
     ran = [0] + sorted(outputs)
     return np.stack([layer.float().numpy() for layer in layers]), hidden, probs, ran
@@ -128,7 +146,7 @@ def check_traced(loaded) -> str:
     trace = tracer.trace(PROMPTS)
     n_layers = loaded.parts.n_layers
     for row, ids in enumerate(trace.token_ids):
-        layers, hidden, probs, ran = reference(loaded.model, loaded.parts.blocks, ids.tolist())
+        layers, hidden, probs, ran = reference(loaded.model, loaded.parts.blocks, ids.tolist(), loaded.parts.entry)
         convention = _hooks_agree_with_hidden_states(layers[ran], hidden)
         if convention is None:
             raise WrongNumbers(f"prompt {row}: the blocks tokentrail hooks do not produce output_hidden_states")
@@ -154,6 +172,18 @@ def check_traced(loaded) -> str:
         detail += f"; block(s) {', '.join(map(str, parts.skipped_blocks))} skipped by a text-only pass (state kept)"
     if parts.final_norm is None:
         detail += "; no final norm (post-norm)"
+    if parts.layout != "batch" or parts.extra_leading_tokens:
+        detail += {"sequence": "; blocks run sequence first", "streams": "; streams stacked ahead of the batch"
+                   }.get(parts.layout, "")
+        detail += "; extra tokens ahead of the prompt (not stored)" if parts.extra_leading_tokens else ""
+    if parts.entry is not parts.blocks[0]:
+        detail += "; layers split across parallel lists"
+    if isinstance(loaded.model.get_output_embeddings(), torch.nn.ModuleList):
+        detail += "; one codebook (several codebooks are refused)"
+    if len(set(parts.blocks)) < len(parts.blocks):
+        detail += f"; shared or looped blocks, one layer per call ({len(parts.blocks)} calls)"
+    if parts.bidirectional:
+        detail += "; bidirectional over the prompt (each prompt proven alone)"
     return detail
 
 
@@ -224,8 +254,12 @@ def render(rows: list[Row]) -> str:
         "  lengths share a forward pass, as the self-check proved: left padding, right padding (where left",
         "  padding would change the states: recurrent models that run pad tokens through their state, position",
         "  ids counted from a padding index), or equal-length batches (where any padding changes them). It also",
-        "  notes parallel residual streams (stored side by side), blocks a text-only pass skips, and post-norm",
-        "  models without a final norm.",
+        "  notes parallel residual streams (stored side by side), blocks a text-only pass skips, post-norm",
+        "  models without a final norm, blocks laid out sequence first or with their streams stacked in front",
+        "  (turned to [batch, tokens, ...] before anything is kept), extra tokens the blocks carry ahead of the",
+        "  prompt (not stored), layers split across parallel lists, shared or looped blocks (one layer per call,",
+        "  in the order they ran), bidirectional models (each padded prompt proven against its own forward pass)",
+        "  and one-codebook audio LMs. Steering refuses every such model with one line; tracing is exact.",
         "- *refused*: tokentrail refuses the type at load with this one line (the self-check's or discovery's).",
         "- *not built*: the tiny model could not be built in the test environment; the reason is the builder's",
         "  error, not tokentrail's.",

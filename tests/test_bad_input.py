@@ -175,8 +175,8 @@ def test_unknown_architecture(work, tiny_model_dir, capsys, monkeypatch):
     before = snapshot(work)
     fails(capsys, trace_into(work, tiny_model_dir, work / "new.txt"),
           "error: unsupported architecture LlamaForCausalLM: looked for a ModuleList of 320 decoder blocks (the "
-          "config's layer count); none found, only model.layers (3): blocks reused across the depth (looped "
-          "layers) cannot be traced")
+          "config's layer count); none found, only model.layers (3): no list holds one block per layer, so there "
+          "is no stack of blocks to trace (stacks run in cycles, as in HRM, hand more than one state between them)")
     assert snapshot(work) == before
 
 

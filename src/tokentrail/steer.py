@@ -175,6 +175,13 @@ def axis_score(states: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------- hooks
 
 
+def _check_steerable(loaded: LoadedModel) -> None:
+    why = loaded.parts.why_not_steerable()
+    if why is not None:
+        raise TokentrailError(f"{loaded.name}: {why}, so tokentrail steers only models whose blocks each pass on "
+                              "one [batch, tokens, hidden] state once per forward pass")
+
+
 class Steering:
     """Context manager that adds `alpha * scale * direction` to block outputs while it is open.
 
@@ -197,6 +204,7 @@ class Steering:
         layers = [v.layer for v in vectors]
         if len(set(layers)) != len(layers):
             raise TokentrailError(f"two steering vectors for the same layer: {sorted(layers)}")
+        _check_steerable(loaded)
         for vector in vectors:
             if not 1 <= vector.layer <= n_layers:
                 raise TokentrailError(f"layer {vector.layer} cannot be steered: this model has layers 1..{n_layers}")
@@ -311,6 +319,7 @@ def _capture_last(loaded: LoadedModel) -> Iterator[list[torch.Tensor | None]]:
     network really received.
     """
     parts = loaded.parts
+    _check_steerable(loaded)
     slots: list[torch.Tensor | None] = [None] * (parts.n_layers + 1)
 
     def before_first(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -324,7 +333,7 @@ def _capture_last(loaded: LoadedModel) -> Iterator[list[torch.Tensor | None]]:
 
         return hook
 
-    handles = [parts.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles = [parts.entry.register_forward_pre_hook(before_first, with_kwargs=True)]
     try:
         for slot, block in enumerate(parts.blocks, start=1):
             handles.append(block.register_forward_hook(after(slot)))

@@ -168,6 +168,7 @@ class _Capture:
         # replaces the gather: no index tensors on the device and one kernel less per layer.
         self.column: int | None = None
         self.n_rows = 0
+        self.width = 0  # tokens of the padded batch
         self.layers: torch.Tensor | None = None  # [B, L+1, H] float32, on the model's input device
         self.final: torch.Tensor | None = None
         self.full: list[torch.Tensor | None] = []
@@ -175,6 +176,7 @@ class _Capture:
         # How often each slot was written in this forward pass: a block that never ran or ran twice (shared or
         # looped layers) would leave a row uninitialised or overwritten, so the tracer refuses either.
         self.calls: list[int] = []
+        self.seen: dict[torch.nn.Module, int] = {}  # calls of each distinct block module in this pass
         self.norm_calls = 0
         # Off outside the model's own forward pass: the logit lens calls the final norm again.
         self.active = False
@@ -346,20 +348,22 @@ class Tracer:
         into one preallocated tensor on the model's device, so a GPU is not synchronised once per layer.
         """
         parts = self.loaded.parts
-        first_argument = _first_parameter(parts.blocks[0])
+        first_argument = _first_parameter(parts.entry)
 
-        def keep(slot: int, hidden: Any) -> None:
+        def keep(slot: int, output: Any) -> None:
             if not capture.active:
                 return
             capture.calls[slot] += 1
-            if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 and hidden.shape[0] == capture.n_rows:
+            hidden = parts.batch_first(output, capture.n_rows, capture.width)
+            if hidden is not None and hidden.ndim == 4:
                 # Parallel residual streams [B, T, S, H] (hyper-connections): one token's state is all S of them.
                 hidden = hidden.flatten(2)
-            if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[0] != capture.n_rows:
-                shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            if hidden is None or hidden.ndim != 3:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise TokentrailError(
                     f"{self.loaded.name}: {_slot_name(slot)} gives a residual state of shape {shape}, not "
-                    f"[batch {capture.n_rows}, tokens, hidden]; tokentrail cannot trace this architecture"
+                    f"[batch {capture.n_rows}, tokens {capture.width}, hidden] as laid out by the self-check "
+                    f"({parts.layout}); tokentrail cannot trace this architecture"
                 )
             if capture.layers is None:
                 capture.layers = torch.empty((capture.n_rows, parts.n_layers + 1, hidden.shape[-1]),
@@ -369,11 +373,22 @@ class Tracer:
                 capture.full[slot] = hidden.detach().to(torch.float32).cpu()
 
         def pre_first_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            keep(0, args[0] if args else kwargs.get(first_argument))
+            if not capture.calls[0]:  # a shared first block runs again later; layer 0 is its first input
+                keep(0, args[0] if args else kwargs.get(first_argument))
 
-        def after_block(slot: int):
+        # A block that runs several times in one pass (shared or looped layers) fills one slot per call, in
+        # the order the self-check found; a call beyond those counts twice on its last slot and is refused.
+        slots_of: dict[torch.nn.Module, list[int]] = {}
+        for slot, block in enumerate(parts.blocks, start=1):
+            slots_of.setdefault(block, []).append(slot)
+
+        def after_block(slots: list[int]):
             def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                keep(slot, _first_tensor(output))
+                if not capture.active:
+                    return
+                seen = capture.seen.get(module, 0)
+                capture.seen[module] = seen + 1
+                keep(slots[min(seen, len(slots) - 1)], _first_tensor(output))
 
             return hook
 
@@ -385,12 +400,17 @@ class Tracer:
             if capture.active and capture.calls[last_running] > 0:
                 capture.norm_calls += 1
                 # A copy, not a view: a view would keep the whole normed sequence alive until the readout.
-                capture.final = capture.pick(_first_tensor(output)).clone()
+                normed = parts.batch_first(_first_tensor(output), capture.n_rows, capture.width, layout="batch")
+                if normed is None:
+                    raise TokentrailError(
+                        f"{self.loaded.name}: the final norm {parts.final_norm_path} gives no [batch, tokens, "
+                        "hidden] state; tokentrail cannot trace this architecture")
+                capture.final = capture.pick(normed).clone()
 
-        handles = [parts.blocks[0].register_forward_pre_hook(pre_first_block, with_kwargs=True)]
+        handles = [parts.entry.register_forward_pre_hook(pre_first_block, with_kwargs=True)]
         try:
-            for slot, block in enumerate(parts.blocks, start=1):
-                handles.append(block.register_forward_hook(after_block(slot)))
+            for block, slots in slots_of.items():
+                handles.append(block.register_forward_hook(after_block(slots)))
             if parts.final_capture is not None:
                 handles.append(parts.final_capture.register_forward_hook(after_norm))
             yield
@@ -471,9 +491,10 @@ class Tracer:
         starts = np.zeros(n, dtype=np.int64)
         starts[1:] = np.cumsum(lengths)[:-1]
         flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum()))
-        # With left padding every row ends at the traced token, so the model's own last-column logits are the
-        # next-token readout and the unembedding need not run a second time.
-        model_readout = self.position == "last" and self.padding_side != "right"
+        # With left padding every row ends at its last token, where the final state is read ("last" and "all"
+        # alike), so the model's own last-column logits are the next-token readout and the unembedding need not
+        # run a second time.
+        model_readout = self.position in ("last", "all") and self.padding_side != "right"
         out: dict[str, np.ndarray | None] = {
             "states": None,
             "final_states": None,
@@ -505,7 +526,7 @@ class Tracer:
                 width = int(batch_lengths.max())
                 input_ids, mask = self._padded(flat, starts[index], batch_lengths)
                 columns = self._selected_index(torch.from_numpy(batch_lengths), width)
-                capture.n_rows = len(index)
+                capture.n_rows, capture.width = len(index), width
                 capture.column = int(columns[0]) if bool((columns == columns[0]).all()) else None
                 if capture.column is None:
                     capture.rows = torch.arange(len(index), device=device)
@@ -513,6 +534,7 @@ class Tracer:
                 capture.layers, capture.final = None, None
                 capture.full = [None] * (parts.n_layers + 1)
                 capture.calls = [0] * (parts.n_layers + 1)
+                capture.seen = {}
                 capture.norm_calls = 0
                 mask_on_device = self._to_device(mask)
                 kwargs: dict[str, Any] = {"input_ids": self._to_device(input_ids), "attention_mask": mask_on_device,

@@ -49,10 +49,52 @@ class ModelParts:
     # Blocks (1-based) a plain forward pass never runs, found by the self-check (Mllama's cross-attention layers
     # without an image): the state after such a block is the state before it, exactly.
     skipped_blocks: tuple[int, ...] = ()
+    # How the blocks lay out their output, found by the self-check: "batch" [B, T, ...] (almost every model),
+    # "sequence" [T, B, H] (XLNet) or "streams" [S, B, T, H] (Gemma-3n's AltUp streams stacked in front).
+    layout: str = "batch"
+    # Tokens the blocks carry ahead of the prompt's own (CPM-Ant's prompt-tuning tokens): the prompt's states
+    # are the last T positions of a longer sequence.
+    extra_leading_tokens: bool = False
+    # Whether a prompt's states depend on tokens after it (bidirectional attention over the input: XLNet and
+    # CPM-Ant as causal LMs). The self-check then proves a padded prompt against its own forward pass.
+    bidirectional: bool = False
+    # Where layer 0 is read: the input of this module (the first block's, or of the first module of a layer
+    # whose parts sit in parallel lists, as in XLM).
+    entry: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.head is None:
             self.head = self.unembed
+        if self.entry is None:
+            self.entry = self.blocks[0]
+
+    def why_not_steerable(self) -> str | None:
+        """Why steering, which adds one vector to one block's [batch, tokens, hidden] output, cannot work here."""
+        if len(set(self.blocks)) < len(self.blocks):
+            return "it runs the same block at several layers (shared or looped blocks)"
+        if self.layout != "batch":
+            return f"its blocks pass on {self.layout}-first states"
+        if self.extra_leading_tokens:
+            return "its blocks carry extra tokens ahead of the prompt"
+        if self.stream_shape is not None and len(self.stream_shape) > 1:
+            return f"its blocks pass on {self.stream_shape[0]} parallel residual streams"
+        return None
+
+    def batch_first(self, hidden: Any, n_rows: int, width: int, layout: str | None = None) -> torch.Tensor | None:
+        """A block's (or the final norm's) output as `[n_rows, width, *stream]`, or None if it is not laid out
+        as the self-check found: the tracer then refuses the forward pass rather than read the wrong axis."""
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        layout = layout or self.layout
+        if layout == "sequence" and hidden.ndim == 3:
+            hidden = hidden.transpose(0, 1)
+        elif layout == "streams" and hidden.ndim == 4:
+            hidden = hidden.permute(1, 2, 0, 3)
+        if hidden.ndim < 3 or hidden.shape[0] != n_rows:
+            return None
+        if self.extra_leading_tokens and hidden.shape[1] > width:
+            hidden = hidden[:, -width:]
+        return hidden if hidden.shape[1] == width else None
 
     @property
     def n_layers(self) -> int:
@@ -203,6 +245,26 @@ class _Chain:
         return hidden
 
 
+class _AltUpCollapse:
+    """Gemma-3n's readout of its AltUp streams `[..., S, H]` into one state `[..., H]`, as its text model does
+    after the last block: every stream but the first is projected back, rescaled to the first stream's RMS
+    magnitude, and the S streams are averaged. That code is inline in the model's forward, not a module, so
+    tokentrail restates it here; the load-time self-check proves it against the model's own logits."""
+
+    def __init__(self, projections: nn.ModuleList) -> None:
+        self.projections = projections
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        first = hidden[..., 0, :]
+        target = torch.mean(first**2, dim=-1, keepdim=True) ** 0.5
+        streams = [first]
+        for index, projection in enumerate(self.projections, start=1):
+            projected = projection(hidden[..., index, :]).to(first.dtype)
+            magnitude = torch.sqrt(torch.mean(projected**2, dim=-1, keepdim=True).clamp(min=1e-5))
+            streams.append(projected * target / magnitude)
+        return torch.stack(streams).mean(dim=0)
+
+
 def _head_candidates(model: nn.Module, unembed: nn.Module, first_block: nn.Module) -> list[tuple[str, Any]]:
     """Readouts from the normed state to logits, most likely first.
 
@@ -214,7 +276,7 @@ def _head_candidates(model: nn.Module, unembed: nn.Module, first_block: nn.Modul
     top_name = unembed_path.split(".")[0]
     top = getattr(model, top_name, None) if top_name else None
     found: list[tuple[str, Any]] = []
-    if isinstance(top, nn.Module) and not contains(top, first_block):
+    if isinstance(top, nn.Module) and not isinstance(top, nn.ModuleList) and not contains(top, first_block):
         found.append((top_name, top))
     if unembed_path and unembed_path != top_name:
         found.append((unembed_path, unembed))
@@ -259,31 +321,44 @@ def find_parts(model: nn.Module) -> ModelParts:
 
     candidates.sort(key=lambda item: (-shared_depth(item[0]), item[0].count(".")))
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(unembed, nn.ModuleList):
+        # One head per codebook (MusicGen): one codebook is a plain LM; several put that many tokens at each
+        # position, and a trajectory per position would mix them.
+        if len(unembed) != 1:
+            raise ArchitectureError(
+                f"unsupported architecture {type(model).__name__}: it predicts {len(unembed)} codebooks at once "
+                "(one token each per position), and tokentrail traces one token per position; a one-codebook "
+                "config traces"
+            )
+        unembed = unembed[0]
     if not isinstance(getattr(unembed, "weight", None), torch.Tensor) or unembed.weight.ndim != 2:
         raise ArchitectureError(
             f"unsupported architecture {type(model).__name__}: get_output_embeddings() gives no [vocab, hidden] "
             "unembedding matrix, so there is no logit readout to trace"
         )
     if not candidates:
-        # Lists shorter than the depth mean blocks reused across it (looped models such as HRM): refused, since
-        # one block's states would overwrite each other.
+        # Only lists shorter than the depth: e.g. stacks run in cycles that hand more than one state between them
+        # (HRM's high- and low-level modules), with no single residual stream to trace.
         found = ", ".join(f"{name} ({len(module)})" for name, module in lists[:3])
         raise ArchitectureError(
             f"unsupported architecture {type(model).__name__}: looked for a ModuleList of {n_layers} decoder blocks "
             f"(the config's layer count); none found"
-            + (f", only {found}: blocks reused across the depth (looped layers) cannot be traced" if found else "")
+            + (f", only {found}: no list holds one block per layer, so there is no stack of blocks to trace "
+               "(stacks run in cycles, as in HRM, hand more than one state between them)" if found else "")
         )
     blocks_path, blocks = candidates[0]
     parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
     parent = model.get_submodule(parent_path) if parent_path else model
     siblings = [name for name, child in parent.named_children()
                 if isinstance(child, nn.ModuleList) and len(child) == len(blocks)]
+    entry = None
     if len(siblings) > 1 and any(part in name for name in siblings for part in ("ffn", "mlp", "feed_forward")):
-        # XLM keeps attentions, feed-forwards and norms in parallel lists: there is no block to hook whole.
-        raise ArchitectureError(
-            f"unsupported architecture {type(model).__name__}: its layers are split across parallel lists "
-            f"({', '.join(siblings)}) with no module per block, and tokentrail reads each block's output whole"
-        )
+        # XLM keeps each layer's attention, norms and feed-forward in parallel lists, declared in the order they
+        # run: a layer starts at its module in the first list and its output is that of the last list. The
+        # self-check proves the guess against output_hidden_states.
+        entry = getattr(parent, siblings[0])[0]
+        blocks_path = f"{parent_path}.{siblings[-1]}" if parent_path else siblings[-1]
+        blocks = getattr(parent, siblings[-1])
     norms: list[tuple[str, nn.Module | None]] = []
     for norm_name in _NORM_NAMES:
         norm = getattr(parent, norm_name, None)
@@ -295,6 +370,12 @@ def find_parts(model: nn.Module) -> ModelParts:
         if ("norm" in path.rsplit(".", 1)[-1].lower() and all(child is not known for _, known in norms)
                 and not isinstance(child, nn.ModuleList)):
             norms.append((path, child))
+    projections = getattr(parent, "altup_unembed_projections", None)
+    if isinstance(projections, nn.ModuleList) and norms and norms[0][1] is not None:
+        # Gemma-3n carries AltUp streams [S, B, T, H] through its blocks and collapses them before its norm.
+        norm_path, norm = norms[0]
+        collapse_path = f"{parent_path}.altup_unembed_projections" if parent_path else "altup_unembed_projections"
+        norms.insert(0, (f"{collapse_path}+{norm_path}", _Chain([_AltUpCollapse(projections), norm])))
     norms.append(("", None))
     final_norm_path, final_norm = norms[0]
     candidates_heads = _head_candidates(model, unembed, blocks[0])
@@ -309,6 +390,7 @@ def find_parts(model: nn.Module) -> ModelParts:
         head_path=head_name,
         head_candidates=candidates_heads,
         norm_candidates=norms,
+        entry=entry,
         **_readout_scalings(model, text_config),
     )
 
