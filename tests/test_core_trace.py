@@ -36,3 +36,15 @@ def test_a_consistent_trace_is_made():
 def test_arrays_that_do_not_fit_are_refused(changes, message):
     with pytest.raises(ValueError, match=f"inconsistent Trace: {message}"):
         Trace(**fields(**changes))
+
+
+def test_assemble_gives_text_ids_and_neutral_defaults():
+    import hashlib
+
+    arrays = fields()
+    texts = arrays.pop("prompts")
+    for key in ("prompt_ids", "categories", "labels"):
+        arrays.pop(key)
+    trace = Trace.assemble(texts, **arrays)
+    assert trace.prompt_ids == [hashlib.sha256(text.encode()).hexdigest()[:12] for text in texts]
+    assert trace.categories == ["uncategorized"] * 3 and trace.labels == [""] * 3

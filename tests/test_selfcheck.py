@@ -153,7 +153,7 @@ def test_one_codebook_traces_and_several_are_refused(tiny_tokenizer, monkeypatch
 
 @pytest.mark.parametrize("model_type", ["deepseek_v4", "gemma3n_text", "xlnet"])
 def test_steering_refuses_blocks_that_pass_on_more_than_one_plain_state(model_type, tiny_tokenizer):
-    from tokentrail.steer import Steering, SteeringVector
+    from tokentrail.steering import Steering, SteeringVector
 
     loaded = from_objects(tiny_causal_lm(model_type), tiny_tokenizer, name=model_type)
     width = int(np.prod(loaded.parts.stream_shape))

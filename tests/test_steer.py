@@ -13,7 +13,7 @@ import torch
 from tokentrail.errors import TokentrailError
 from tokentrail.prompts import Prompt, PromptSet
 from tokentrail.runs import trace_run
-from tokentrail.steer import (
+from tokentrail.steering import (
     Steering,
     SteeringVector,
     axis_score,
@@ -414,7 +414,7 @@ def test_generation_batches_equal_lengths_where_left_padding_is_unsafe(tiny_toke
     """A model whose self-check rejected left padding (RoBERTa-style positions) generates in equal-length
     batches, so each prompt decodes exactly as it does alone."""
     from tokentrail.models import from_objects
-    from tokentrail.steer import batch_order
+    from tokentrail.steering import batch_order
     from zoo import tiny_causal_lm
 
     assert batch_order([[1, 2], [3], [4, 5], [6]], 8, equal_lengths=True) == [[1, 3], [0, 2]]

@@ -152,3 +152,15 @@ def test_forward_passes_are_counted_per_batch(tiny_loaded):
     tracer = Tracer(tiny_loaded("llama"), batch_size=2)
     tracer.trace(PROMPTS)
     assert tracer.n_forward_passes == 3
+
+
+def test_tracer_and_store_name_unlabelled_prompts_alike(tiny_loaded, tmp_path):
+    """Both assemble a Trace through Trace.assemble: the same text gets the same default id either way."""
+    from tokentrail.store import TraceStore
+
+    loaded = tiny_loaded("llama")
+    texts = ["The capital of France is", "def add(a, b):"]
+    traced = Tracer(loaded, TraceOptions(top_k=2)).trace(texts)
+    store = TraceStore.open(tmp_path / "store", loaded.fingerprint, TraceOptions(top_k=2).to_dict())
+    store.add(traced)
+    assert store.load(texts).prompt_ids == traced.prompt_ids

@@ -473,7 +473,7 @@ def steer(
 ) -> None:
     """The seed's follow-up: steer word problems toward the pure-math region and measure accuracy."""
     from tokentrail.runs import report_run
-    from tokentrail.steer import run_steering
+    from tokentrail.steering import run_steering
 
     settings = _model_settings(model, revision, dtype, device, trust_remote_code, None, self_check)
     _out_dir(out_dir)

@@ -90,7 +90,8 @@ class _Reference:
 
 @torch.inference_mode()
 def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
-    from tokentrail.tracing import _first_tensor, _supports
+    from tokentrail.capture import first_tensor
+    from tokentrail.tracing import _supports
 
     parts = loaded.parts
     device = next(loaded.model.parameters()).device
@@ -98,7 +99,7 @@ def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
 
     def record(number: int, path: str):
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            events.append((number, path, module, _first_tensor(output)))
+            events.append((number, path, module, first_tensor(output)))
         return hook
 
     kwargs: dict[str, Any] = {"output_hidden_states": True, "use_cache": False}

@@ -517,11 +517,11 @@ class TraceStore:
                     lists["lens_tokens"][position] = meta["lens_tokens"][row]
         has_lens = "lens_token_ids" in pieces
         every_token = n > 0 and all(states is not None for states in lists["token_states"])
-        return Trace(
-            prompt_ids=list(prompt_ids) if prompt_ids is not None else [prompt_key(t)[:12] for t in texts],
-            prompts=texts,
-            categories=list(categories) if categories is not None else ["uncategorized"] * n,
-            labels=list(labels) if labels is not None else [""] * n,
+        return Trace.assemble(
+            texts,
+            prompt_ids,
+            categories,
+            labels,
             states=pieces["states"],
             final_states=pieces["final_states"],
             token_ids=lists["token_ids"],

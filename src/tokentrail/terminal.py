@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -73,3 +74,34 @@ class VisibleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return visible(super().format(record))
+
+
+class _RateColumn(TextColumn):
+    """Items per second, the figure a user compares between models and machines."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed  # rich needs several updates before it estimates a speed
+        return Text("" if speed is None else f"{speed:6.1f} {self.unit}/s")
+
+
+def progress_bar(label: str, unit: str, console: Console | None = None, disable: bool = False) -> Progress:
+    """The one progress bar: `label`, the task's description (user text: shown as data, never as markup), the
+    bar, done/total, the rate in `unit` per second and the time left; on stderr unless `console` says else."""
+    return Progress(
+        TextColumn(label, style="bold"),
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(unit),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console or SafeConsole(stderr=True),
+        transient=False,
+        disable=disable,
+    )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tokentrail.capture import LayerHooks, first_tensor, layer_hooks, slot_name
 from tokentrail.core.trace import Trace, TraceOptions, parse_position
 from tokentrail.errors import TokentrailError
 from tokentrail.models.parts import config_value, text_config_of
@@ -176,7 +177,7 @@ class _Capture:
         # How often each slot was written in this forward pass: a block that never ran or ran twice (shared or
         # looped layers) would leave a row uninitialised or overwritten, so the tracer refuses either.
         self.calls: list[int] = []
-        self.seen: dict[torch.nn.Module, int] = {}  # calls of each distinct block module in this pass
+        self.hooks: LayerHooks | None = None  # the layer hooks of the open trace
         self.norm_calls = 0
         # Off outside the model's own forward pass: the logit lens calls the final norm again.
         self.active = False
@@ -348,7 +349,6 @@ class Tracer:
         into one preallocated tensor on the model's device, so a GPU is not synchronised once per layer.
         """
         parts = self.loaded.parts
-        first_argument = _first_parameter(parts.entry)
 
         def keep(slot: int, output: Any) -> None:
             if not capture.active:
@@ -361,7 +361,7 @@ class Tracer:
             if hidden is None or hidden.ndim != 3:
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise TokentrailError(
-                    f"{self.loaded.name}: {_slot_name(slot)} gives a residual state of shape {shape}, not "
+                    f"{self.loaded.name}: {slot_name(slot)} gives a residual state of shape {shape}, not "
                     f"[batch {capture.n_rows}, tokens {capture.width}, hidden] as laid out by the self-check "
                     f"({parts.layout}); tokentrail cannot trace this architecture"
                 )
@@ -372,26 +372,6 @@ class Tracer:
             if capture.keep_all:
                 capture.full[slot] = hidden.detach().to(torch.float32).cpu()
 
-        def pre_first_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if not capture.calls[0]:  # a shared first block runs again later; layer 0 is its first input
-                keep(0, args[0] if args else kwargs.get(first_argument))
-
-        # A block that runs several times in one pass (shared or looped layers) fills one slot per call, in
-        # the order the self-check found; a call beyond those counts twice on its last slot and is refused.
-        slots_of: dict[torch.nn.Module, list[int]] = {}
-        for slot, block in enumerate(parts.blocks, start=1):
-            slots_of.setdefault(block, []).append(slot)
-
-        def after_block(slots: list[int]):
-            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                if not capture.active:
-                    return
-                seen = capture.seen.get(module, 0)
-                capture.seen[module] = seen + 1
-                keep(slots[min(seen, len(slots) - 1)], _first_tensor(output))
-
-            return hook
-
         last_running = max((slot for slot in range(1, parts.n_layers + 1) if slot not in parts.skipped_blocks),
                            default=parts.n_layers)
 
@@ -400,21 +380,22 @@ class Tracer:
             if capture.active and capture.calls[last_running] > 0:
                 capture.norm_calls += 1
                 # A copy, not a view: a view would keep the whole normed sequence alive until the readout.
-                normed = parts.batch_first(_first_tensor(output), capture.n_rows, capture.width, layout="batch")
+                normed = parts.batch_first(first_tensor(output), capture.n_rows, capture.width, layout="batch")
                 if normed is None:
                     raise TokentrailError(
                         f"{self.loaded.name}: the final norm {parts.final_norm_path} gives no [batch, tokens, "
                         "hidden] state; tokentrail cannot trace this architecture")
                 capture.final = capture.pick(normed).clone()
 
-        handles = [parts.entry.register_forward_pre_hook(pre_first_block, with_kwargs=True)]
+        handles = []
         try:
-            for block, slots in slots_of.items():
-                handles.append(block.register_forward_hook(after_block(slots)))
-            if parts.final_capture is not None:
-                handles.append(parts.final_capture.register_forward_hook(after_norm))
-            yield
+            with layer_hooks(parts, keep) as hooks:
+                capture.hooks = hooks
+                if parts.final_capture is not None:
+                    handles.append(parts.final_capture.register_forward_hook(after_norm))
+                yield
         finally:
+            capture.hooks = None
             for handle in handles:
                 handle.remove()
 
@@ -426,14 +407,14 @@ class Tracer:
                 continue
             if slot in skipped:
                 raise TokentrailError(
-                    f"{self.loaded.name}: {_slot_name(slot)} ran {calls} time(s), though the self-check found that "
+                    f"{self.loaded.name}: {slot_name(slot)} ran {calls} time(s), though the self-check found that "
                     "the forward pass skips it; tokentrail cannot tell which state is right"
                 )
             what = "did not run" if calls == 0 else f"ran {calls} times"
             why = ("(a layer the forward pass skips)" if calls == 0
                    else "(shared or looped layers: its states would overwrite each other)")
             raise TokentrailError(
-                f"{self.loaded.name}: {_slot_name(slot)} {what} in one forward pass {why}; tokentrail cannot "
+                f"{self.loaded.name}: {slot_name(slot)} {what} in one forward pass {why}; tokentrail cannot "
                 "trace this architecture"
             )
         if self.loaded.parts.final_norm is not None and capture.norm_calls != 1:
@@ -534,7 +515,7 @@ class Tracer:
                 capture.layers, capture.final = None, None
                 capture.full = [None] * (parts.n_layers + 1)
                 capture.calls = [0] * (parts.n_layers + 1)
-                capture.seen = {}
+                capture.hooks.new_pass()
                 capture.norm_calls = 0
                 mask_on_device = self._to_device(mask)
                 kwargs: dict[str, Any] = {"input_ids": self._to_device(input_ids), "attention_mask": mask_on_device,
@@ -626,12 +607,11 @@ class Tracer:
         prompts = list(prompts)
         encoded = self.encode(prompts)
         arrays = self.trace_ids(encoded)
-        n = len(prompts)
-        return Trace(
-            prompt_ids=list(prompt_ids) if prompt_ids is not None else [f"p{i}" for i in range(n)],
-            prompts=prompts,
-            categories=list(categories) if categories is not None else ["uncategorized"] * n,
-            labels=list(labels) if labels is not None else [""] * n,
+        return Trace.assemble(
+            prompts,
+            prompt_ids,
+            categories,
+            labels,
             states=arrays["states"],
             final_states=arrays["final_states"],
             token_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded],
@@ -646,31 +626,6 @@ class Tracer:
             model=model_info(self.loaded),
             options=self.options.to_dict(),
         )
-
-
-def _slot_name(slot: int) -> str:
-    return "the input of block 1" if slot == 0 else f"block {slot}"
-
-
-def _first_tensor(output: Any) -> Any:
-    """The hidden state in what a block or norm returns: a tensor, or the first item of a tuple or ModelOutput."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    if hasattr(output, "to_tuple"):
-        items = output.to_tuple()
-        return items[0] if items else None
-    return output
-
-
-def _first_parameter(module: torch.nn.Module) -> str:
-    """Name of a block's first forward argument, where its hidden state arrives when passed by keyword."""
-    try:
-        names = [name for name in inspect.signature(module.forward).parameters if name not in ("self",)]
-    except (TypeError, ValueError):
-        names = []
-    return names[0] if names else "hidden_states"
 
 
 def model_info(loaded: LoadedModel) -> dict[str, Any]:

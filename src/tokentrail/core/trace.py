@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tokentrail.errors import TokentrailError
+
+
+def text_id(text: str) -> str:
+    """A prompt's default id: the first 12 hex digits of the SHA-256 of its UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def parse_position(position: str | int) -> str | int:
@@ -70,6 +77,29 @@ class Trace:
     token_states: list[np.ndarray] | None = None
     model: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def assemble(
+        cls,
+        prompts: Sequence[str],
+        prompt_ids: Sequence[str] | None = None,
+        categories: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        **arrays: Any,
+    ) -> Trace:
+        """The one way a Trace is made from traced or stored arrays (the tracer and the store both call it), so
+        that both give the same defaults: a prompt without an id gets the first 12 hex digits of the SHA-256 of
+        its text (the same text always gets the same id, in any order), no category is "uncategorized", no
+        label is "". `arrays` are the remaining fields; their shapes are checked by `__post_init__`."""
+        prompts = list(prompts)
+        n = len(prompts)
+        return cls(
+            prompt_ids=list(prompt_ids) if prompt_ids is not None else [text_id(text) for text in prompts],
+            prompts=prompts,
+            categories=list(categories) if categories is not None else ["uncategorized"] * n,
+            labels=list(labels) if labels is not None else [""] * n,
+            **arrays,
+        )
 
     def __post_init__(self) -> None:
         """Refuse arrays that do not fit together: a Trace with a wrong shape would give wrong pictures later."""

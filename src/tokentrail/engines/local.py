@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokentrail.store import TraceStore
-from tokentrail.terminal import SafeConsole
+from tokentrail.terminal import progress_bar
 
 if TYPE_CHECKING:  # the tracer imports torch; a run that traces nothing never needs it
     from tokentrail.tracing import Tracer
@@ -23,33 +22,6 @@ class TraceReport:
     shards_written: int
     forward_passes: int
     problems: list[str] = field(default_factory=list)
-
-
-class _RateColumn(TextColumn):
-    """Prompts per second, the figure a user compares between models and machines."""
-
-    def __init__(self) -> None:
-        super().__init__("")
-
-    def render(self, task):  # type: ignore[override]
-        speed = task.finished_speed or task.speed
-        if speed is None and task.elapsed and task.completed:
-            speed = task.completed / task.elapsed  # rich needs several updates before it estimates a speed
-        return "" if speed is None else f"{speed:6.1f} prompts/s"
-
-
-def progress_bar(console: Console | None = None, disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("tracing", style="bold"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console or SafeConsole(stderr=True),
-        transient=False,
-        disable=disable,
-    )
 
 
 def trace_into_store(
@@ -71,7 +43,7 @@ def trace_into_store(
         return TraceReport(traced=0, reused=unique, shards_written=0, forward_passes=0, problems=problems)
     tracer = make_tracer()
     shards = 0
-    with progress_bar(console, disable=not show_progress) as progress:
+    with progress_bar("tracing", "prompts", console, disable=not show_progress) as progress:
         task = progress.add_task("trace", total=len(missing))
         traced = 0
         for start in range(0, len(missing), shard_size):

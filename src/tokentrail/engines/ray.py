@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from tokentrail.core.trace import TraceOptions
-from tokentrail.engines.local import TraceReport, progress_bar
+from tokentrail.engines.local import TraceReport
 from tokentrail.errors import TokentrailError, first_line
 from tokentrail.models.sources import EMBEDDED
 from tokentrail.store import TraceStore
+from tokentrail.terminal import progress_bar
 
 if TYPE_CHECKING:  # importing tokentrail.runs at run time would make runs -> engines -> runs a cycle
     from tokentrail.models.settings import ModelSettings
@@ -219,7 +220,7 @@ def trace_into_store_ray(
                 # for them, and for the cluster's other jobs.
                 ray.kill(actor)
 
-        with progress_bar(console, disable=not show_progress) as progress:
+        with progress_bar("tracing", "prompts", console, disable=not show_progress) as progress:
             task = progress.add_task("trace", total=len(missing))
             for _ in range(n_workers):
                 give_work(start_actor())

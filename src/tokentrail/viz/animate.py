@@ -17,7 +17,7 @@ from PIL import Image
 
 from tokentrail.atomic import atomic_write_bytes
 from tokentrail.viz import FigureMeta, category_styles, display_labels, final_layer_index
-from tokentrail.viz.static import figure_style, mpl_text
+from tokentrail.viz.static.style import figure_style, mpl_text
 
 __all__ = ["MAX_FPS", "frame_duration_ms", "trajectory_gif"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tokentrail.viz import OKABE_ITO
-from tokentrail.viz.static import figure_style, mpl_text, save_figure
+from tokentrail.viz.static.style import figure_style, mpl_text, save_figure
 
 __all__ = [
     "draw_cka",
@@ -37,7 +37,10 @@ def _colour(i: int) -> str:
 
 
 def _save(fig: Figure | None, out_base: Path) -> list[Path]:
-    return [] if fig is None else save_figure(fig, out_base, dpi=PNG_DPI)
+    if fig is None:
+        return []
+    with figure_style():  # its svg.hashsalt makes the SVG's ids the same on every run
+        return save_figure(fig, out_base, dpi=PNG_DPI)
 
 
 def draw_separation_depth(curves: Sequence[Mapping[str, Any]]) -> Figure | None:

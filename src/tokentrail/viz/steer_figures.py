@@ -15,7 +15,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from tokentrail.viz.static import write_figure
+from tokentrail.viz.static.style import write_figure
 
 __all__ = ["draw_gain_heatmap", "plot_gain_heatmap"]
 

@@ -1,0 +1,29 @@
+"""How runs are compared: `CompareOptions`, the settings every run's analyses and the CKA null share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CompareOptions"]
+
+
+@dataclass
+class CompareOptions:
+    """How runs are compared; the defaults are those of `tokentrail analyze`.
+
+    `knn_k`, `permutations` (label shuffles per layer) and `sustain` go to the separation and bifurcation
+    analyses of every run alike; `cka_permutations` prompt shuffles give the CKA null; `top_prompts`
+    bifurcation rows go into the report (the CSV has all); `axes` overrides the natural-vs-formal axes as
+    (natural, formal) pairs and `middle` the category expected between the ends. `cka_standardize` z-scores
+    every hidden unit across the prompts before CKA, so that a few massive-activation units cannot dominate it.
+    """
+
+    sustain: int = 2
+    knn_k: int = 3
+    permutations: int = 200
+    cka_permutations: int = 200
+    cka_standardize: bool = False
+    top_prompts: int = 10
+    axes: list[tuple[str, str]] | None = None
+    middle: str | None = None
+    seed: int = 0
