@@ -115,13 +115,21 @@ def test_spectrum_bifurcation_question_is_one_command(tmp_path):
 def test_steer_command_on_a_local_model(tmp_path, tiny_model_dir):
     """`tokentrail steer` traces seed-spectrum into an empty run, sweeps, and adds its section to the report."""
     result = tokentrail("steer", "--out", "run", "--model", str(tiny_model_dir), "--layers", "1", "--alphas", "0.5",
-                        "--problems", "6", "--max-new-tokens", "4", "-q", cwd=tmp_path, check=True)
+                        "--problems", "6", "--max-new-tokens", "4", "--random", "3", "--train", "8", "--confirm",
+                        "--instruction-format", "Compute: {question}", "-q",
+                        cwd=tmp_path, check=True)
     steer_dir = tmp_path / "run" / "steer"
     rows = (steer_dir / "results.csv").read_text().splitlines()
     assert rows[0].startswith("condition,layer,alpha")
-    assert [row.split(",")[0] for row in rows[1:]] == ["baseline", "pure-math", "steer", "random"]
+    # With --confirm the grid only chooses the cell; the random directions are drawn on the held-out problems.
+    assert [row.split(",")[0] for row in rows[1:]] == ["baseline", "instruction", "pure-math", "steer"]
+    confirm_rows = (steer_dir / "confirm_results.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in confirm_rows[1:]] == ["baseline", "instruction", "pure-math", "steer",
+                                                                "random"]
+    assert len((steer_dir / "confirm_random_draws.csv").read_text().splitlines()) == 1 + 3
     assert (steer_dir / "gain_heatmap.png").stat().st_size > 0
-    assert "generated word problems" in result.stdout
+    assert (steer_dir / "confirm_results.csv").stat().st_size > 0
+    assert "generated word problems" in result.stdout and "Held out" in result.stdout
     assert "Steering experiment" in (tmp_path / "run" / "report.html").read_text()
 
 

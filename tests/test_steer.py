@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -312,27 +313,33 @@ def test_run_steering_end_to_end(tmp_path, tiny_loaded):
     run_dir = tmp_path / "run"
     # The tiny tokenizer spells "Question:" byte by byte; the bare question keeps prompts inside its context of 128.
     result = run_steering(run_dir, loaded, layers=[1, 2], alphas=[0.0, 1.0], n_problems=12, max_new_tokens=3,
-                          batch_size=5, word_format="{question}", show_progress=False)
+                          batch_size=5, word_format="{question}", instruction_format="do: {question}",
+                          direction_from="seed", n_random=3, show_progress=False)
     assert (run_dir / "run.json").exists()
     out = run_dir / "steer"
-    for name in ("results.csv", "problems.csv", "summary.json", "gain_heatmap.png", "gain_heatmap.svg"):
+    for name in ("results.csv", "random_draws.csv", "problems.csv", "summary.json", "gain_heatmap.png",
+                 "gain_heatmap.svg"):
         assert (out / name).stat().st_size > 0, name
     rows = _read_csv(out / "results.csv")
-    assert [r["condition"] for r in rows[:2]] == ["baseline", "pure-math"]
-    assert len(rows) == 2 + 2 * 2 * 2
-    assert len(_read_csv(out / "problems.csv")) == 12 * len(rows)
+    assert [r["condition"] for r in rows[:3]] == ["baseline", "instruction", "pure-math"]
+    assert len(rows) == 3 + 2 * 2 * 2  # a steer and a random (mean of the draws) row per cell
+    draws = _read_csv(out / "random_draws.csv")
+    assert len(draws) == 2 * 2 * 3 and {r["draw"] for r in draws} == {"0", "1", "2"}
+    assert len(_read_csv(out / "problems.csv")) == 12 * (3 + 2 * 2)  # random draws keep only their summary
     for layer in (1, 2):
         zero = result.row("steer", layer, 0.0)
         assert zero["gain"] == 0 and zero["changed"] == 0 and zero["axis_shift_layer"] == pytest.approx(0, abs=1e-9)
         assert result.row("random", layer, 0.0)["changed"] == 0
+        assert zero["null_p"] == pytest.approx(1.0)  # every random draw (alpha 0) ties with it
         pushed = result.row("steer", layer, 1.0)
         # mean-diff moves the steered layer's last-token state by alpha * scale / centroid distance on the axis
         expected = result.settings["scales"][str(layer)] / result.settings["centroid_distance"][str(layer)]
         assert pushed["axis_shift_layer"] == pytest.approx(expected, rel=1e-3)
-        assert result.row("random", layer, 1.0)["axis_shift_layer"] < expected
+        assert 0 <= pushed["p_holm"] <= 1 and pushed["p_holm"] >= pushed["p_vs_baseline"]
+        assert pushed["gain_low"] <= pushed["gain"] <= pushed["gain_high"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["layers"] == [1, 2] and len(summary["rows"]) == len(rows)
-    assert set(summary["axis_profiles"]) == {"baseline", "pure-math"}
+    assert set(summary["axis_profiles"]) == {"baseline", "instruction", "pure-math"}
     assert set(summary["accuracy_by_template"]["baseline"]) == {p.template for p in generate_problems(12)}
     assert len(summary["axis_profiles"]["baseline"]) == loaded.parts.n_layers + 1
     section = result.section()
@@ -358,8 +365,15 @@ def test_run_steering_checks(tmp_path, tiny_loaded):
         run_steering(run_dir, llama, alphas=[], show_progress=False)
     with pytest.raises(TokentrailError, match="method"):
         run_steering(run_dir, llama, method="nonsense", show_progress=False)
+    with pytest.raises(TokentrailError, match="--direction-from"):
+        run_steering(run_dir, llama, direction_from="prompts", show_progress=False)
+    with pytest.raises(TokentrailError, match="--random"):
+        run_steering(run_dir, llama, n_random=0, show_progress=False)
+    with pytest.raises(TokentrailError, match="layers must be in 1..3"):
+        run_steering(run_dir, llama, layers=[9], show_progress=False)
     result = run_steering(run_dir, llama, layers=[3], alphas=[0.5], n_problems=3, max_new_tokens=2,
-                          method="pca", position="all", word_format="{question}", show_progress=False)
+                          method="pca", position="all", word_format="{question}", instruction_format="do: {question}",
+                          direction_from="seed", n_random=2, show_progress=False)
     assert result.row("steer", 3, 0.5)["method"] == "pca"
     assert result.row("steer", 3, 0.5)["position"] == "all"
 
@@ -387,12 +401,19 @@ def test_heatmap(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_tiny_sweep(tmp_path, embedded):
-    result = run_steering(tmp_path / "run", embedded, layers=[10], alphas=[0.5], n_problems=20, show_progress=False)
-    assert {r["condition"] for r in result.rows} == {"baseline", "pure-math", "steer", "random"}
+    result = run_steering(tmp_path / "run", embedded, layers=[10], alphas=[0.5], n_problems=20, n_random=4,
+                          n_train=20, show_progress=False)
+    assert {r["condition"] for r in result.rows} == {"baseline", "instruction", "pure-math", "steer", "random"}
     for row in result.rows:
         assert row["n"] == 20 and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
     steer = result.row("steer", 10, 0.5)
-    assert steer["axis_shift_layer"] > 0.5  # alpha 0.5 is about one centroid distance on this model
+    # The hook adds alpha * scale * direction at layer 10, so on the run's word -> math axis the state moves by
+    # exactly that vector's component along the axis, over the axis length.
+    settings = result.settings
+    expected = 0.5 * settings["scales"]["10"] * settings["cosine_to_mean_diff"]["10"] / settings["centroid_distance"]["10"]
+    assert steer["axis_shift_layer"] == pytest.approx(expected, rel=1e-3)
+    assert settings["cosine_to_mean_diff"]["10"] > 0  # the direction from data points the seed's way
+    assert -1 <= result.settings["cosine_data_vs_seed"]["10"] <= 1
     assert (tmp_path / "run" / "steer" / "gain_heatmap.png").exists()
     rows = _read_csv(tmp_path / "run" / "steer" / "problems.csv")
     assert len(rows) == 20 * 4 and all(r["generation"] is not None for r in rows)
@@ -424,3 +445,153 @@ def test_generation_batches_equal_lengths_where_left_padding_is_unsafe(tiny_toke
     together = generate(loaded, encoded, max_new_tokens=3, batch_size=8, stop_at_newline=False)
     alone = generate(loaded, encoded, max_new_tokens=3, batch_size=1, stop_at_newline=False)
     assert together.token_ids == alone.token_ids
+
+
+def test_holm_matches_its_definition():
+    """Holm by the book: sort, multiply the i-th smallest by (m - i), take the running maximum, cap at 1."""
+    from tokentrail.steering.statistics import holm
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        p = rng.uniform(0, 0.2, size=rng.integers(1, 12))
+        m = len(p)
+        expected = np.empty(m)
+        ranked = sorted(range(m), key=lambda i: p[i])
+        running = 0.0
+        for rank, index in enumerate(ranked):
+            running = max(running, min(1.0, (m - rank) * p[index]))
+            expected[index] = running
+        np.testing.assert_allclose(holm(p), expected)
+    assert np.isnan(holm([0.01, float("nan"), 0.02])[1])
+    np.testing.assert_allclose(holm([0.01, float("nan"), 0.02])[[0, 2]], [0.02, 0.02])
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    from scipy.stats import t
+
+    from tokentrail.steering.statistics import paired_interval
+
+    d = np.array([1, 0, 0, -1, 1, 1, 0, 0, 1, 0], dtype=float)
+    half = t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert paired_interval(d) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert paired_interval([0, 0, 0]) == (0.0, 0.0)
+
+
+def test_sign_and_empirical_tests():
+    from tokentrail.steering.statistics import empirical_p, sign_test_p
+
+    assert sign_test_p([0.5, 0.2, 0.9, 0.1, 0.3, 0.0]) == pytest.approx(2 * 0.5**5)  # 5 of 5 nonzero positive
+    assert sign_test_p([0.0, 0.0]) == 1.0
+    assert empirical_p(0.05, [0.0, 0.01, 0.06, -0.02]) == pytest.approx(2 / 5)
+    assert empirical_p(0.10, [0.0] * 19) == pytest.approx(1 / 20)  # never 0: the observed gain counts
+
+
+def test_training_problems_are_disjoint_from_the_evaluation_problems():
+    from tokentrail.steering.experiment import training_problems
+
+    evaluation = generate_problems(120, 0)
+    train = training_problems(evaluation, 150, 0)
+    assert len(train) == 150 and train == training_problems(evaluation, 150, 0)  # deterministic
+    seen = {p.question for p in evaluation} | {p.expression for p in evaluation}
+    assert not any(p.question in seen or p.expression in seen for p in train)
+    assert len({p.question for p in train}) == 150
+
+
+def test_paired_direction_is_the_normalised_mean_of_paired_differences():
+    from tokentrail.steering.vectors import paired_direction
+
+    rng = np.random.default_rng(0)
+    word, pure = rng.normal(size=(30, 8)), rng.normal(size=(30, 8)) + 2.0
+    vector = paired_direction(word, pure, 4)
+    mean = np.mean([b - a for a, b in zip(word, pure)], axis=0)
+    np.testing.assert_allclose(vector.direction, mean / np.sqrt(np.sum(mean**2)), rtol=1e-6)
+    norms = sorted(float(np.sqrt(np.sum(x**2))) for x in [*word, *pure])
+    assert vector.scale == pytest.approx((norms[29] + norms[30]) / 2)  # median of 60 norms
+    assert vector.layer == 4
+
+
+def test_random_directions_are_distinct_seeded_and_unit():
+    from tokentrail.steering.vectors import random_vectors
+
+    like = SteeringVector(3, np.eye(64, dtype=np.float32)[0], 2.5, "mean-diff")
+    draws = random_vectors(like, 0, 20)
+    matrix = np.stack([d.direction for d in draws])
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1, rtol=1e-6)
+    cosines = matrix @ matrix.T
+    assert np.max(np.abs(cosines - np.eye(20))) < 0.9  # no two draws alike
+    assert all(d.scale == 2.5 and d.layer == 3 for d in draws)
+    np.testing.assert_array_equal(matrix, np.stack([d.direction for d in random_vectors(like, 0, 20)]))
+    other_layer = SteeringVector(4, like.direction, 2.5, "mean-diff")
+    assert not np.allclose(random_vectors(other_layer, 0, 1)[0].direction, draws[0].direction)
+
+
+def test_per_row_steering_equals_steering_each_row_alone(tiny_loaded):
+    from tokentrail.steering import Steering
+
+    loaded = tiny_loaded("llama")
+    encoded = encode_prompts(loaded, PROMPTS)
+    vector = random_vector(SteeringVector(2, np.eye(loaded.parts.hidden_size, dtype=np.float32)[0], 3.0, "x"), 1)
+    deltas = np.zeros((len(encoded), loaded.parts.hidden_size), np.float32)
+    deltas[[0, 2]] = vector.delta(1.5)
+    mixed = generate(loaded, encoded, max_new_tokens=4, batch_size=4, keep_logits=True, stop_at_newline=False,
+                     steering=Steering.per_row(loaded, {2: deltas}))
+    steered = generate(loaded, [encoded[0], encoded[2]], max_new_tokens=4, batch_size=4, keep_logits=True,
+                       stop_at_newline=False, steering=Steering(loaded, [vector], 1.5))
+    plain = generate(loaded, [encoded[1], encoded[3]], max_new_tokens=4, batch_size=4, keep_logits=True,
+                     stop_at_newline=False)
+    assert [mixed.token_ids[i] for i in (0, 2)] == steered.token_ids
+    assert [mixed.token_ids[i] for i in (1, 3)] == plain.token_ids
+    for mine, theirs in zip([mixed.logits[i] for i in (0, 2, 1, 3)], [*steered.logits, *plain.logits]):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_confirm_chooses_the_cell_without_looking_at_test_answers(tmp_path, tiny_loaded, monkeypatch):
+    """Poison every test answer: the cell chosen on the development problems must not change."""
+    from tokentrail import tasks
+    from tokentrail.steering.experiment import best_cell
+
+    loaded = tiny_loaded("llama")
+    settings = {"layers": [1, 2], "alphas": [0.5, 2.0], "n_problems": 6, "max_new_tokens": 2, "batch_size": 8,
+                "word_format": "{question}", "instruction_format": "do: {question}", "direction_from": "seed",
+                "n_random": 2, "confirm": True, "show_progress": False}
+    clean = run_steering(tmp_path / "clean", loaded, **settings)
+    original = tasks.generate_problems
+
+    def poisoned(n, seed=0):
+        problems = original(n, seed)
+        if seed == 0:
+            return problems
+        return [dataclasses.replace(p, answer=p.answer + 1000) for p in problems]
+
+    monkeypatch.setattr(tasks, "generate_problems", poisoned)
+    dirty = run_steering(tmp_path / "dirty", loaded, **settings)
+    assert (clean.confirm["layer"], clean.confirm["alpha"]) == best_cell(clean.rows)
+    assert (dirty.confirm["layer"], dirty.confirm["alpha"]) == (clean.confirm["layer"], clean.confirm["alpha"])
+    assert dirty.confirm["rows"][0]["accuracy"] == 0  # the poison reached the test set, and only there
+    assert dirty.row("baseline")["accuracy"] == clean.row("baseline")["accuracy"]
+    assert "Held out" in clean.summary_text()
+    assert (tmp_path / "clean" / "steer" / "confirm_results.csv").exists()
+
+
+def test_a_shared_prompt_prefix_generates_what_separate_runs_do(tiny_loaded):
+    """repeat=2: each prompt's prefix runs once; copy 0 unsteered, copy 1 steered at its last token."""
+    from tokentrail.steering import Steering
+
+    loaded = tiny_loaded("llama")
+    encoded = encode_prompts(loaded, PROMPTS)
+    vector = random_vector(SteeringVector(2, np.eye(loaded.parts.hidden_size, dtype=np.float32)[0], 3.0, "x"), 4)
+    deltas = np.zeros((2 * len(encoded), loaded.parts.hidden_size), np.float32)
+    deltas[1::2] = vector.delta(2.0)
+    shared = generate(loaded, encoded, max_new_tokens=4, batch_size=4, keep_logits=True, stop_at_newline=False,
+                      capture_states=True, steering=Steering.per_row(loaded, {2: deltas}), repeat=2)
+    plain = generate(loaded, encoded, max_new_tokens=4, batch_size=4, keep_logits=True, stop_at_newline=False,
+                     capture_states=True)
+    steered = generate(loaded, encoded, max_new_tokens=4, batch_size=4, keep_logits=True, stop_at_newline=False,
+                       capture_states=True, steering=Steering(loaded, [vector], 2.0))
+    assert shared.token_ids[0::2] == plain.token_ids and shared.token_ids[1::2] == steered.token_ids
+    np.testing.assert_allclose(shared.states[0::2], plain.states, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared.states[1::2], steered.states, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(shared.logits, [x for pair in zip(plain.logits, steered.logits) for x in pair]):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TokentrailError, match="last prompt token only"):
+        generate(loaded, encoded, steering=Steering.per_row(loaded, {2: deltas}, position="all"), repeat=2)

@@ -457,15 +457,21 @@ def steer(
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     self_check: SelfCheckOpt = True,
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers to steer at, e.g. 10,15 (default: ~L/3 and L/2).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to steer at, e.g. 10,15, or 'all' for the whole depth (default: ~L/3 and L/2).")] = None,
     alphas: Annotated[str, typer.Option("--alphas", help="Coefficients, in units of the median residual norm at the layer.")] = "0.25,0.5,1",
     problems: Annotated[int, typer.Option("--problems", help="Generated word problems (seeded).")] = 200,
-    seed: Annotated[int, typer.Option(help="Seed of the problems and the random control direction.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the (development) problems and of the random directions.")] = 0,
+    direction_from: Annotated[str, typer.Option("--direction-from", help="data: mean paired difference (word problem -> pure math) on training problems disjoint from the evaluation ones; seed: the run's category centroids (--method).")] = "data",
+    random: Annotated[int, typer.Option("--random", help="Random directions of the same norm per steered cell (the null distribution).")] = 20,
+    train: Annotated[int, typer.Option("--train", help="Training problems for a direction from data.")] = 200,
+    confirm: Annotated[bool, typer.Option("--confirm", help="Choose the best cell on these problems, then measure it on fresh test problems (--test-seed).")] = False,
+    test_seed: Annotated[int | None, typer.Option("--test-seed", help="Seed of the held-out test problems (default: --seed + 1).")] = None,
+    instruction_format: Annotated[str | None, typer.Option("--instruction-format", help="The prompting baseline: the word problem asked differently; must contain {question} (default: 'Question: Compute the arithmetic: {question}\\nAnswer:').")] = None,
     source: Annotated[str, typer.Option(help="Category the vector points away from.")] = "word-problems",
     target: Annotated[str, typer.Option(help="Category the vector points toward.")] = "pure-math",
     position: Annotated[str, typer.Option(help="last (last prompt token), prompt (all prompt tokens) or all (also generated).")] = "last",
-    method: Annotated[str, typer.Option(help="mean-diff, pca, or a .npy/.safetensors vector file.")] = "mean-diff",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Problems per generation batch.")] = 32,
+    method: Annotated[str, typer.Option(help="With --direction-from seed: mean-diff, pca, or a .npy/.safetensors vector file.")] = "mean-diff",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generations per batch (conditions and problems mixed).")] = 64,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 16,
     chat: ChatOpt = False,
     preset: Annotated[str, typer.Option(help="Prompt set traced into an empty run directory.")] = "seed-spectrum",
@@ -477,10 +483,14 @@ def steer(
 
     settings = _model_settings(model, revision, dtype, device, trust_remote_code, None, self_check)
     _out_dir(out_dir)
+    chosen_layers = "all" if layers is not None and layers.strip() == "all" else _numbers(layers, int, "--layers")
     result = run_steering(
-        out_dir, settings, layers=_numbers(layers, int, "--layers"), alphas=_numbers(alphas, float, "--alphas"),
+        out_dir, settings, layers=chosen_layers, alphas=_numbers(alphas, float, "--alphas"),
         n_problems=problems, seed=seed, source=source, target=target, position=position, method=method,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, preset=preset, show_progress=not quiet,
+        direction_from=direction_from, n_random=random, n_train=train, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, chat=chat, preset=preset, confirm=confirm, test_seed=test_seed,
+        instruction_format=instruction_format,
+        show_progress=not quiet,
     )
     out.print(result.summary_text())
     out.print(f"results: {out_dir / 'steer'}")

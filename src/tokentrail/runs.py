@@ -463,19 +463,18 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-STEER_COLUMNS = ("condition", "layer", "alpha", "accuracy", "ci_low", "ci_high", "gain", "p_vs_baseline",
-                 "changed", "no_answer", "axis_shift_layer", "axis_shift_last")
 
 
 def _steer_section(run_dir: Path) -> dict[str, Any]:
-    """The report's steering section, read from what `tokentrail steer` wrote."""
+    """The report's steering section, read from what `tokentrail steer` wrote (its `report_table` holds the
+    columns the report shows)."""
     summary = json.loads((run_dir / "steer" / "summary.json").read_text(encoding="utf-8"))
     heatmap = summary.get("files", {}).get("heatmap_png")
     return {
         "title": "Steering experiment",
         "text": summary.get("text", ""),
         "html_figures": [run_dir / heatmap] if heatmap else [],
-        "table": [{column: row.get(column) for column in STEER_COLUMNS} for row in summary.get("rows", [])],
+        "table": summary.get("report_table", []),
     }
 
 

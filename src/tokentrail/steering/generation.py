@@ -119,117 +119,199 @@ def generate(
     keep_logits: bool = False,
     stop_at_newline: bool = True,
     on_batch: Any = None,
+    repeat: int = 1,
 ) -> Generated:
     """Greedy decoding with a KV cache over left-padded batches, optionally inside an open `Steering`.
 
     A row stops at an end-of-sequence token or, with `stop_at_newline`, at the first newline that follows
     some non-space text (a leading newline is let through: some models start an answer on a new line).
     A `steering` context that is not open yet is opened for the call and closed after it.
+
+    `repeat` k > 1 generates every prompt k times, as rows `i * k + a` (a = 0..k-1) of the result, for
+    experiments whose conditions differ only in how the last prompt token is steered (`Steering.per_row`
+    with position "last"): all but the last token of a prompt are run once and their KV cache is shared by
+    its k rows, which then run the last token, each with its own steering, and decode. The tokens are those
+    of k separate generations (tested); the cost is one prompt prefix instead of k.
     """
     if max_new_tokens < 1:
         raise TokentrailError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise TokentrailError(f"batch size must be at least 1, got {batch_size}")
+    if repeat < 1:
+        raise TokentrailError(f"repeat must be at least 1, got {repeat}")
+    if repeat > 1 and steering is not None and steering.position != "last":
+        raise TokentrailError("a shared prompt prefix needs steering at the last prompt token only (position last)")
     tokenizer = loaded.tokenizer
     parameters = _forward_parameters(loaded.model)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stops = _stop_ids(loaded)
+    context = _Decoding(loaded, max_new_tokens, steering, capture_states, keep_logits, stop_at_newline, parameters,
+                        int(pad), _stop_ids(loaded), len(encoded) * repeat)
     hooks = steering if steering is not None and not steering.is_open else contextlib.nullcontext()
     with hooks:
-        return _generate(loaded, encoded, max_new_tokens, batch_size, steering, capture_states, keep_logits,
-                         stop_at_newline, on_batch, parameters, int(pad), stops)
+        if repeat == 1:
+            for batch in batch_order(encoded, batch_size, equal_lengths=loaded.parts.padding != "left"):
+                context.run_batch([list(encoded[i]) for i in batch], batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
+        else:
+            # Whole prompts per batch, as many as fit `batch_size` rows once repeated.
+            per_batch = max(1, batch_size // repeat)
+            for batch in batch_order(encoded, per_batch, equal_lengths=loaded.parts.padding != "left"):
+                context.run_shared_prefix([list(encoded[i]) for i in batch], batch, repeat)
+                if on_batch is not None:
+                    on_batch(len(batch) * repeat)
+    return context.result()
 
 
-def _generate(
-    loaded: LoadedModel,
-    encoded: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    steering: Steering | None,
-    capture_states: bool,
-    keep_logits: bool,
-    stop_at_newline: bool,
-    on_batch: Any,
-    parameters: set[str],
-    pad: int,
-    stops: set[int],
-) -> Generated:
-    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
-    cache_name = "cache" if "cache" in parameters else "past_key_values"
-    pass_positions = "position_ids" in parameters
-    n = len(encoded)
-    token_ids: list[list[int]] = [[] for _ in range(n)]
-    texts = [""] * n
-    logits_out: list[np.ndarray | None] = [None] * n
-    states: np.ndarray | None = None
-    for batch in batch_order(encoded, batch_size, equal_lengths=loaded.parts.padding != "left"):
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = encoded[index]
-            input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-        if steering is not None:
-            if steering.position == "last":
-                where = torch.zeros_like(mask, dtype=torch.bool)
-                where[:, -1] = True
-            else:
-                where = mask.bool()
-            steering.positions = where
+class _Decoding:
+    """The state of one `generate` call: outputs by row, and the batched forward passes that fill them."""
+
+    def __init__(self, loaded: LoadedModel, max_new_tokens: int, steering: Steering | None, capture_states: bool,
+                 keep_logits: bool, stop_at_newline: bool, parameters: set[str], pad: int, stops: set[int],
+                 n_rows: int) -> None:
+        self.loaded, self.max_new_tokens, self.steering = loaded, max_new_tokens, steering
+        self.capture_states, self.keep_logits, self.stop_at_newline = capture_states, keep_logits, stop_at_newline
+        self.pad, self.stops = pad, stops
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.pass_positions = "position_ids" in parameters
+        self.logits_to_keep = "logits_to_keep" in parameters
+        self.token_ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.texts = [""] * n_rows
+        self.logits_out: list[np.ndarray | None] = [None] * n_rows
+        self.states: np.ndarray | None = None
+        self.n_rows = n_rows
+
+    def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+        return input_ids, mask
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any = None,
+                 capture: bool = False) -> tuple[Any, list[torch.Tensor | None] | None]:
+        device = self.loaded.device
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                                   "use_cache": True}
-        if pass_positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        if "logits_to_keep" in parameters:
+        if cache is not None:
+            kwargs[self.cache_name] = cache
+        if self.pass_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:].to(device)
+        if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        capture = _capture_last(loaded) if capture_states else contextlib.nullcontext()
-        with capture as slots:
-            output = model(**kwargs)
-        if capture_states:
+        if not capture:
+            return self.loaded.model(**kwargs), None
+        with _capture_last(self.loaded) as slots:
+            output = self.loaded.model(**kwargs)
+        return output, slots
+
+    def _steer_prompt(self, rows: np.ndarray, mask: torch.Tensor, prompt_columns: int) -> None:
+        """Where the steering acts in a forward pass over `prompt_columns` new prompt tokens."""
+        steering = self.steering
+        if steering is None:
+            return
+        if steering.position == "last":
+            where = torch.zeros((len(rows), prompt_columns), dtype=torch.bool)
+            where[:, -1] = True
+        else:
+            where = mask[:, -prompt_columns:].bool()
+        steering.positions = where
+        steering.rows = rows
+
+    def run_batch(self, prompts: list[list[int]], rows: Sequence[int]) -> None:
+        input_ids, mask = self._left_padded(prompts)
+        rows = np.asarray(rows)
+        self._steer_prompt(rows, mask, input_ids.shape[1])
+        output, slots = self._forward(input_ids, mask, capture=self.capture_states)
+        self._decode(output, slots, mask, rows)
+
+    def run_shared_prefix(self, prompts: list[list[int]], problems: Sequence[int], repeat: int) -> None:
+        """Run all but the last token of each prompt once, then the last token and the decoding `repeat` times."""
+        prefixes = [ids[:-1] for ids in prompts]
+        rows = np.asarray([index * repeat + copy for index in problems for copy in range(repeat)])
+        last = torch.tensor([[ids[-1]] for ids in prompts for _ in range(repeat)], dtype=torch.long)
+        cache = None
+        if any(prefixes):
+            # Prompts of one token have an empty prefix: left padding makes them a row of pads, masked out.
+            input_ids, mask = self._left_padded([p or [self.pad] for p in prefixes])
+            for row, prefix in enumerate(prefixes):
+                if not prefix:
+                    mask[row] = 0
+            if self.steering is not None:
+                self.steering.positions = torch.zeros(input_ids.shape, dtype=torch.bool)  # nothing steered
+                self.steering.rows = np.repeat(np.asarray(problems) * repeat, 1)
+            prefix_out, _ = self._forward(input_ids, mask)
+            cache = _cache_of(prefix_out, self.cache_name)
+            if not hasattr(cache, "batch_repeat_interleave"):
+                raise TokentrailError(f"{self.loaded.name}: its KV cache cannot be shared between rows; generate "
+                                      "without repeat")
+            cache.batch_repeat_interleave(repeat)
+            mask = mask.repeat_interleave(repeat, dim=0)
+        else:
+            mask = torch.zeros((len(rows), 0), dtype=torch.long)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        self._steer_prompt(rows, mask, 1)
+        output, slots = self._forward(last, mask, cache, capture=self.capture_states)
+        self._decode(output, slots, mask, rows)
+
+    def _decode(self, output: Any, slots: list[torch.Tensor | None] | None, mask: torch.Tensor,
+                rows: np.ndarray) -> None:
+        """Greedy steps after a prompt's last token: append tokens until every row stops."""
+        tokenizer, steering = self.loaded.tokenizer, self.steering
+        if slots is not None:
             stacked = torch.stack(slots, dim=1).numpy()  # [B, L+1, H]
-            if states is None:
-                states = np.zeros((n, stacked.shape[1], stacked.shape[2]), dtype=np.float32)
-            states[np.asarray(batch)] = stacked
-        cache = _cache_of(output, cache_name)
-        done = [False] * len(batch)
-        steps: list[list[np.ndarray]] = [[] for _ in batch]
+            if self.states is None:
+                self.states = np.zeros((self.n_rows, stacked.shape[1], stacked.shape[2]), dtype=np.float32)
+            self.states[rows] = stacked
+        cache = _cache_of(output, self.cache_name)
+        steps: dict[int, list[np.ndarray]] = {int(index): [] for index in rows}
+        active = np.asarray(rows)  # the rows still in the batch, in batch order
+        done = [False] * len(active)
+        can_drop = hasattr(cache, "batch_select_indices")
         next_logits = output.logits[:, -1].to(torch.float32)
-        for step in range(max_new_tokens):
+        for step in range(self.max_new_tokens):
             chosen = next_logits.argmax(-1)
-            for row, index in enumerate(batch):
+            for row, index in enumerate(active):
                 if done[row]:
                     continue
                 token = int(chosen[row])
-                if keep_logits:
-                    steps[row].append(next_logits[row].cpu().numpy().copy())
-                if token in stops:
+                if self.keep_logits:
+                    steps[int(index)].append(next_logits[row].cpu().numpy().copy())
+                if token in self.stops:
                     done[row] = True
                     continue
-                token_ids[index].append(token)
-                if stop_at_newline and ends_line(tokenizer.decode(token_ids[index], skip_special_tokens=True)):
+                self.token_ids[index].append(token)
+                if self.stop_at_newline and ends_line(tokenizer.decode(self.token_ids[index], skip_special_tokens=True)):
                     done[row] = True
-            if all(done) or step == max_new_tokens - 1:
+            if all(done) or step == self.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+            if any(done) and can_drop:
+                # Finished rows leave the batch, so one long answer does not make every short one run on; a
+                # cache that cannot drop rows keeps them, and their tokens are ignored.
+                keep = [row for row in range(len(active)) if not done[row]]
+                cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.loaded.device))
+                active, mask, chosen = active[keep], mask[keep], chosen[torch.tensor(keep, device=chosen.device)]
+                done = [False] * len(keep)
+                if steering is not None:
+                    steering.rows = active
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
             if steering is not None:
-                steering.positions = torch.full((len(batch), 1), steering.position == "all", dtype=torch.bool)
-            kwargs = {"input_ids": chosen[:, None].to(device), "attention_mask": mask.to(device),
-                      "use_cache": True, cache_name: cache}
-            if pass_positions:
-                kwargs["position_ids"] = (mask.sum(-1, keepdim=True) - 1).to(device)
-            output = model(**kwargs)
-            cache = _cache_of(output, cache_name)
+                steering.positions = torch.full((len(active), 1), steering.position == "all", dtype=torch.bool)
+            output, _ = self._forward(chosen[:, None].cpu(), mask, cache)
+            cache = _cache_of(output, self.cache_name)
             next_logits = output.logits[:, -1].to(torch.float32)
         if steering is not None:
             steering.positions = None
-        for row, index in enumerate(batch):
-            texts[index] = tokenizer.decode(token_ids[index], skip_special_tokens=True)
-            if keep_logits:
-                logits_out[index] = np.stack(steps[row]) if steps[row] else np.zeros((0, 0), np.float32)
-        if on_batch is not None:
-            on_batch(len(batch))
-    return Generated(token_ids=token_ids, texts=texts, states=states,
-                     logits=[x for x in logits_out if x is not None] if keep_logits else None)
+        for row, index in enumerate(rows):
+            self.texts[index] = tokenizer.decode(self.token_ids[index], skip_special_tokens=True)
+            if self.keep_logits:
+                kept = steps[int(index)]
+                self.logits_out[index] = np.stack(kept) if kept else np.zeros((0, 0), np.float32)
+
+    def result(self) -> Generated:
+        return Generated(token_ids=self.token_ids, texts=self.texts, states=self.states,
+                         logits=[x for x in self.logits_out if x is not None] if self.keep_logits else None)

@@ -8,9 +8,10 @@ also on error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from tokentrail.capture import first_tensor
@@ -62,8 +63,29 @@ class Steering:
         self.alpha = float(alpha)
         self.position = position
         self.positions: torch.Tensor | None = None
+        # Per-row mode (`per_row`): which prompts (indices into the generated list) the next batch holds.
+        self.rows: np.ndarray | None = None
         self._handles: list[Any] = []
         self._deltas = {v.layer: torch.from_numpy(v.delta(self.alpha)) for v in self.vectors}
+        self._row_deltas: dict[int, torch.Tensor] = {}
+        self._row_active: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def per_row(cls, loaded: LoadedModel, deltas: Mapping[int, np.ndarray], position: str = "last") -> Steering:
+        """Steering with its own vector for every prompt: `deltas[layer]` is `[N, H]`, row i added to prompt i of
+        the list `generate` is given (a zero row leaves that prompt untouched, bit for bit). One batch can then
+        hold many conditions of an experiment: the same problem steered along different directions, or not."""
+        vectors = [SteeringVector(layer, np.zeros(loaded.parts.hidden_size, np.float32), 0.0, "per-row")
+                   for layer in deltas]
+        steering = cls(loaded, vectors, 0.0, position)
+        for layer, rows in deltas.items():
+            rows = np.asarray(rows, dtype=np.float32)
+            if rows.ndim != 2 or rows.shape[1] != loaded.parts.hidden_size:
+                raise TokentrailError(f"per-row deltas at layer {layer} must be [prompts, {loaded.parts.hidden_size}], "
+                                      f"got {rows.shape}")
+            steering._row_deltas[layer] = torch.from_numpy(rows)
+            steering._row_active[layer] = torch.from_numpy(np.any(rows != 0, axis=1))
+        return steering
 
     def _where(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.positions is not None:
@@ -78,9 +100,17 @@ class Steering:
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             hidden = first_tensor(output)
-            delta = self._deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
+            where = self._where(hidden)
+            if layer in self._row_deltas:
+                if self.rows is None or len(self.rows) != hidden.shape[0]:
+                    raise TokentrailError("per-row steering needs the rows of each batch (generate sets them)")
+                rows = torch.from_numpy(np.asarray(self.rows, dtype=np.int64))
+                delta = self._row_deltas[layer][rows].to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
+                where = where & self._row_active[layer][rows].to(hidden.device)[:, None]
+            else:
+                delta = self._deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
             # torch.where keeps unselected positions bit-for-bit instead of adding a zero to them.
-            steered = torch.where(self._where(hidden)[..., None], hidden + delta, hidden)
+            steered = torch.where(where[..., None], hidden + delta, hidden)
             if isinstance(output, tuple):
                 return (steered, *output[1:])
             if isinstance(output, list):
@@ -113,3 +143,4 @@ class Steering:
             handle.remove()
         self._handles = []
         self.positions = None
+        self.rows = None

@@ -1,31 +1,84 @@
-"""Statistics of an accuracy experiment scored on the same problems under several conditions."""
+"""Statistics of an accuracy experiment scored on the same problems under several conditions.
+
+Every test and interval comes from SciPy's tested implementations; what is written here is only which one
+applies and how its inputs are formed:
+
+- `wilson_interval`: Wilson score interval of one accuracy (`binomtest(...).proportion_ci(method="wilson")`);
+  unlike the normal interval it stays in [0, 1] and is not degenerate at 0 correct.
+- `mcnemar_p`: exact McNemar test of two conditions on the same problems, which is the two-sided binomial test
+  of the discordant pairs (gained vs lost) at 1/2.
+- `paired_interval`: 95 % interval of a mean gain from per-problem differences (t interval of the paired
+  differences, `ttest_1samp(...).confidence_interval()`).
+- `sign_test_p`: paired exact test of one condition against a pool (per problem: correct under the condition
+  minus the pool's mean correctness), the two-sided binomial test of positive vs negative differences.
+- `empirical_p`: where an observed gain falls in a null distribution of gains (random directions): the share of
+  null gains at least as large, counting the observed one, so it is never 0.
+- `holm`: Holm's step-down adjustment across a family of p-values (every steered cell of a grid).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-Z95 = 1.959963984540054
+import numpy as np
+from scipy import stats
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; unlike the normal interval it stays in [0, 1]
-    and is not degenerate at k = 0, which is where a tiny model's accuracy on these problems sits."""
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for `k` successes in `n` trials; (nan, nan) for no trials."""
     if n <= 0:
         return (float("nan"), float("nan"))
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # At k = 0 or k = n the bound is exactly 0 or 1; rounding would otherwise leave 3e-17.
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return (low, high)
+    interval = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(interval.low), float(interval.high))
 
 
 def mcnemar_p(gained: int, lost: int) -> float:
     """Two-sided exact McNemar test on the discordant pairs of two conditions scored on the same problems."""
-    n = gained + lost
+    n = int(gained) + int(lost)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return float(stats.binomtest(int(gained), n, 0.5).pvalue)
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean of per-problem differences (e.g. steered minus baseline correctness, in -1/0/1)."""
+    values = np.asarray(differences, dtype=np.float64)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    if np.all(values == values[0]):  # no spread: the t interval is undefined, the mean is exact
+        return (float(values[0]), float(values[0]))
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(confidence_level=confidence)
+    return (float(interval.low), float(interval.high))
+
+
+def sign_test_p(differences: Sequence[float]) -> float:
+    """Two-sided exact sign test of per-problem differences (zeros dropped)."""
+    values = np.asarray(differences, dtype=np.float64)
+    positive, negative = int(np.sum(values > 0)), int(np.sum(values < 0))
+    if positive + negative == 0:
+        return 1.0
+    return float(stats.binomtest(positive, positive + negative, 0.5).pvalue)
+
+
+def empirical_p(observed: float, null: Sequence[float]) -> float:
+    """One-sided empirical p of `observed` against `null` draws: (1 + #{null >= observed}) / (1 + len(null))."""
+    draws = np.asarray(null, dtype=np.float64)
+    if len(draws) == 0 or not math.isfinite(observed):
+        return float("nan")
+    # A tiny tolerance: gains are counts divided by n, and equal counts must compare equal.
+    return float((1 + np.sum(draws >= observed - 1e-12)) / (1 + len(draws)))
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-adjusted p-values, in the order given; NaNs stay NaN and do not count in the family."""
+    values = np.asarray(pvalues, dtype=np.float64)
+    adjusted = np.full(values.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(values))
+    if len(finite) == 0:
+        return adjusted
+    order = finite[np.argsort(values[finite], kind="stable")]
+    m = len(order)
+    stepped = np.maximum.accumulate((m - np.arange(m)) * values[order])
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted

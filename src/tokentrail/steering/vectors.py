@@ -124,11 +124,31 @@ def steering_vector(
     return SteeringVector(layer, unit(vector, f"vector in {method}"), scale, f"file:{Path(method).name}")
 
 
-def random_vector(like: SteeringVector, seed: int) -> SteeringVector:
-    """A random unit direction with the same layer and scale: the control for "any push of this size"."""
-    rng = np.random.default_rng([seed, like.layer])
+def random_vector(like: SteeringVector, seed: int, draw: int = 0) -> SteeringVector:
+    """A random unit direction with the same layer and scale: the control for "any push of this size".
+
+    Seeded by (seed, layer, draw), so every draw of every layer is its own and reproducible."""
+    rng = np.random.default_rng([seed, like.layer, draw])
     direction = rng.standard_normal(like.direction.shape[0])
-    return SteeringVector(like.layer, unit(direction, "random direction"), like.scale, "random")
+    return SteeringVector(like.layer, unit(direction, "random direction"), like.scale, f"random:{seed}:{draw}")
+
+
+def random_vectors(like: SteeringVector, seed: int, count: int) -> list[SteeringVector]:
+    """`count` random directions for the null distribution at `like`'s layer, draws 0..count-1."""
+    return [random_vector(like, seed, draw) for draw in range(count)]
+
+
+def paired_direction(first: np.ndarray, second: np.ndarray, layer: int) -> SteeringVector:
+    """The direction from `first` toward `second` estimated from paired states `[P, H]` (each row the same
+    problem, e.g. as a word problem and as pure math): the mean of the paired differences, scaled by the
+    median norm of all the states it came from."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if first.shape != second.shape or first.ndim != 2 or len(first) < 1:
+        raise TokentrailError(f"paired states must be two [P, H] arrays of one shape, got {first.shape} and "
+                              f"{second.shape}")
+    direction = unit((second - first).mean(axis=0), f"mean paired difference at layer {layer}")
+    scale = float(np.median(np.linalg.norm(np.concatenate([first, second]), axis=-1)))
+    return SteeringVector(layer, direction, scale, "paired-mean-diff")
 
 
 def axis_score(states: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

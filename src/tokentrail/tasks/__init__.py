@@ -2,6 +2,7 @@
 
 from tokentrail.tasks.arithmetic import (
     DEFAULT_N_PROBLEMS,
+    INSTRUCTION_FORMAT,
     MATH_FORMAT,
     TEMPLATES,
     WORD_FORMAT,
@@ -14,6 +15,7 @@ from tokentrail.tasks.arithmetic import (
 
 __all__ = [
     "DEFAULT_N_PROBLEMS",
+    "INSTRUCTION_FORMAT",
     "MATH_FORMAT",
     "TEMPLATES",
     "WORD_FORMAT",

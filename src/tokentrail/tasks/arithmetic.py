@@ -40,6 +40,9 @@ DEFAULT_N_PROBLEMS = 200
 # "Answer: The answer is" frame made it guess a number without working (see docs/steering.md).
 WORD_FORMAT = "Question: {question}\nAnswer:"
 MATH_FORMAT = "Question: What is {expression}?\nAnswer:"
+# The prompting baseline: the same word problem, only asked differently (AxBench found that prompting is the
+# baseline representation steering most often fails to beat).
+INSTRUCTION_FORMAT = "Question: Compute the arithmetic: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
