@@ -477,11 +477,9 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     assert paired_interval([0, 0, 0]) == (0.0, 0.0)
 
 
-def test_sign_and_empirical_tests():
-    from tokentrail.steering.statistics import empirical_p, sign_test_p
+def test_empirical_p_counts_the_observed_gain():
+    from tokentrail.steering.statistics import empirical_p
 
-    assert sign_test_p([0.5, 0.2, 0.9, 0.1, 0.3, 0.0]) == pytest.approx(2 * 0.5**5)  # 5 of 5 nonzero positive
-    assert sign_test_p([0.0, 0.0]) == 1.0
     assert empirical_p(0.05, [0.0, 0.01, 0.06, -0.02]) == pytest.approx(2 / 5)
     assert empirical_p(0.10, [0.0] * 19) == pytest.approx(1 / 20)  # never 0: the observed gain counts
 
@@ -595,3 +593,46 @@ def test_a_shared_prompt_prefix_generates_what_separate_runs_do(tiny_loaded):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
     with pytest.raises(TokentrailError, match="last prompt token only"):
         generate(loaded, encoded, steering=Steering.per_row(loaded, {2: deltas}, position="all"), repeat=2)
+
+
+def test_heatmap_without_random_rows_draws_one_panel_and_holm_stars():
+    from tokentrail.viz.steer_figures import draw_gain_heatmap
+
+    rows = [{"condition": "baseline", "layer": None, "alpha": None, "gain": 0.0, "accuracy": 0.1, "n": 20},
+            {"condition": "steer", "layer": 3, "alpha": 0.5, "gain": 0.2, "p_vs_baseline": 0.01, "p_holm": 0.2},
+            {"condition": "steer", "layer": 3, "alpha": 1.0, "gain": 0.3, "p_vs_baseline": 0.001, "p_holm": 0.002}]
+    fig = draw_gain_heatmap(rows)
+    (panel,) = [ax for ax in fig.axes if ax.images]
+    assert sorted(t.get_text() for t in panel.texts) == ["+20.0", "+30.0*"]  # the star follows the Holm p
+    assert "Holm-adjusted" in fig._suptitle.get_text()
+
+
+def test_layers_all_sweeps_every_block():
+    from tokentrail.steering.experiment import parse_layers
+
+    assert parse_layers("all", 4) == [1, 2, 3, 4]
+    assert parse_layers(None, 30) == [10, 15] and parse_layers([3, 1, 3], 4) == [1, 3]
+    with pytest.raises(TokentrailError, match="numbers or 'all'"):
+        parse_layers("most", 4)
+
+
+def test_exchangeable_p_is_the_exact_permutation_probability():
+    """Brute force: on every problem pick which of the R + 1 answers is 'the steered one', all combinations
+    equally likely, and count how often the steered total reaches the observed one."""
+    import itertools
+
+    from tokentrail.steering.statistics import exchangeable_p
+
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        n, r = 4, 2
+        steered = rng.random(n) < 0.6
+        draws = rng.random((r, n)) < 0.3
+        answers = np.vstack([steered, draws])  # [R + 1, N]
+        observed = int(steered.sum())
+        hits = total = 0
+        for pick in itertools.product(range(r + 1), repeat=n):
+            total += 1
+            hits += int(sum(answers[pick[i], i] for i in range(n)) >= observed)
+        assert exchangeable_p(steered, draws) == pytest.approx(hits / total)
+    assert exchangeable_p([True] * 3, np.zeros((4, 3), bool)) == pytest.approx(1 / 5**3)

@@ -38,6 +38,7 @@ from tokentrail.steering.results import (
     Condition,
     SteeringResult,
     condition_label,
+    random_answer_rows,
     result_rows,
     write_csv,
     write_outputs,
@@ -431,6 +432,9 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
                                  task)
     rows, draws = result_rows(conditions, problems, trace, source, target, development.rows[-1].get("method", ""),
                               position)
+    out = development.run_dir / "steer"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "confirm_random_answers.csv", random_answer_rows(conditions, problems))
     steered = next(row for row in rows if row["condition"] == "steer")
     base = next(row for row in rows if row["condition"] == "baseline")
     by_name = {row["condition"]: row for row in rows if row["layer"] is None}
@@ -446,8 +450,6 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
         f"{100 * by_name['instruction']['accuracy']:.1f}%, pure math {100 * by_name['pure-math']['accuracy']:.1f}%."
         f" Verdict: {verdict}."
     )
-    out = development.run_dir / "steer"
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "confirm_results.csv", rows)
     write_csv(out / "confirm_random_draws.csv", draws)
     return {"layer": layer, "alpha": alpha, "test_seed": test_seed, "n_problems": len(problems),

@@ -11,8 +11,8 @@ Rows of the table, all on the same problems:
   (per-problem differences) and the exact McNemar p.
 - For `steer` rows also: `p_holm` (McNemar p, Holm-adjusted across every steered cell of the grid),
   `null_p` (the share of the cell's random directions that gained at least as much, the steered one counted),
-  `null_p_holm`, and `p_vs_random` (paired exact sign test of the steered answers against the random
-  directions' pooled answers, per problem).
+  `null_p_holm`, and `p_vs_random` (exact paired test, problem by problem, that the steered direction does
+  better than one more random draw would: `statistics.exchangeable_p`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 from tokentrail.core.trace import Trace
 from tokentrail.steering.statistics import (
     empirical_p,
+    exchangeable_p,
     holm,
     mcnemar_p,
     paired_interval,
-    sign_test_p,
     wilson_interval,
 )
 from tokentrail.steering.vectors import axis_score, centroids
@@ -206,10 +206,9 @@ def result_rows(
         if draws:
             null_rows = [_compare(draw, baseline) for draw in draws]
             null_gains = [r["gain"] for r in null_rows]
-            pooled = np.mean([draw.correct.astype(np.float64) for draw in draws], axis=0)
             row.update(null_p=empirical_p(row["gain"], null_gains), null_gain_mean=float(np.mean(null_gains)),
                        null_gain_max=float(np.max(null_gains)),
-                       p_vs_random=sign_test_p(condition.correct.astype(np.float64) - pooled))
+                       p_vs_random=exchangeable_p(condition.correct, np.stack([draw.correct for draw in draws])))
             for draw, compared in zip(draws, null_rows):
                 draw_rows.append({"layer": draw.layer, "alpha": draw.alpha, "draw": draw.draw, **compared,
                                   "changed": float(np.mean([g != b for g, b in zip(draw.generations,
@@ -271,6 +270,13 @@ def problem_rows(conditions: Sequence[Condition], problems: Sequence[Any]) -> li
     return rows
 
 
+def random_answer_rows(conditions: Sequence[Condition], problems: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every random direction's answer to every problem, so the null distribution can be audited."""
+    return [{"layer": c.layer, "alpha": c.alpha, "draw": c.draw, "problem": problem.id,
+             "extracted": "" if c.extracted[i] is None else f"{c.extracted[i]:g}", "correct": int(c.correct[i])}
+            for c in conditions if c.name == "random" for i, problem in enumerate(problems)]
+
+
 def write_outputs(result: SteeringResult, conditions: Sequence[Condition], problems: Sequence[Any]) -> dict[str, Path]:
     from tokentrail.store import atomic_write_json
     from tokentrail.viz.steer_figures import plot_gain_heatmap
@@ -278,9 +284,11 @@ def write_outputs(result: SteeringResult, conditions: Sequence[Condition], probl
     out = result.run_dir / "steer"
     out.mkdir(parents=True, exist_ok=True)
     files = {"results": out / "results.csv", "random_draws": out / "random_draws.csv",
-             "problems": out / "problems.csv", "summary": out / "summary.json"}
+             "random_answers": out / "random_answers.csv", "problems": out / "problems.csv",
+             "summary": out / "summary.json"}
     write_csv(files["results"], result.rows)
     write_csv(files["random_draws"], result.draws)
+    write_csv(files["random_answers"], random_answer_rows(conditions, problems))
     write_csv(files["problems"], problem_rows(conditions, problems))
     if any(row["condition"] == "steer" for row in result.rows):
         png, svg = plot_gain_heatmap(result.rows, out / "gain_heatmap",

@@ -9,8 +9,8 @@ applies and how its inputs are formed:
   of the discordant pairs (gained vs lost) at 1/2.
 - `paired_interval`: 95 % interval of a mean gain from per-problem differences (t interval of the paired
   differences, `ttest_1samp(...).confidence_interval()`).
-- `sign_test_p`: paired exact test of one condition against a pool (per problem: correct under the condition
-  minus the pool's mean correctness), the two-sided binomial test of positive vs negative differences.
+- `exchangeable_p`: exact paired test of the steered direction against the random directions' answers, problem
+  by problem (is the steered direction just one more random draw?).
 - `empirical_p`: where an observed gain falls in a null distribution of gains (random directions): the share of
   null gains at least as large, counting the observed one, so it is never 0.
 - `holm`: Holm's step-down adjustment across a family of p-values (every steered cell of a grid).
@@ -52,13 +52,26 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     return (float(interval.low), float(interval.high))
 
 
-def sign_test_p(differences: Sequence[float]) -> float:
-    """Two-sided exact sign test of per-problem differences (zeros dropped)."""
-    values = np.asarray(differences, dtype=np.float64)
-    positive, negative = int(np.sum(values > 0)), int(np.sum(values < 0))
-    if positive + negative == 0:
-        return 1.0
-    return float(stats.binomtest(positive, positive + negative, 0.5).pvalue)
+def exchangeable_p(steered: Sequence[bool], draws: np.ndarray) -> float:
+    """Exact one-sided test that the steered direction does better than random directions, problem by problem.
+
+    Under the null hypothesis the steered direction is one more random draw: on each problem its answer is
+    exchangeable with the R random directions' answers, so it is correct with probability k_i / (R + 1), where
+    k_i counts the correct answers among all R + 1 on that problem. The number of problems the steered direction
+    gets right is then a sum of independent Bernoulli(k_i / (R + 1)); p is the exact probability that this sum
+    reaches the observed count (its distribution computed by convolution). `draws` is bool [R, N].
+    """
+    steered = np.asarray(steered, dtype=bool)
+    draws = np.asarray(draws, dtype=bool)
+    if draws.ndim != 2 or draws.shape[1] != len(steered) or len(draws) == 0:
+        raise ValueError(f"draws must be [R, {len(steered)}], got {draws.shape}")
+    chance = (steered.astype(np.float64) + draws.sum(axis=0)) / (len(draws) + 1)
+    distribution = np.zeros(len(steered) + 1)
+    distribution[0] = 1.0
+    for p in chance:  # add one problem: either it is right (shift by one) or not
+        distribution[1:] = distribution[1:] * (1 - p) + distribution[:-1] * p
+        distribution[0] *= 1 - p
+    return float(min(1.0, distribution[int(steered.sum()):].sum()))
 
 
 def empirical_p(observed: float, null: Sequence[float]) -> float:

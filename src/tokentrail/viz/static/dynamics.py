@@ -122,30 +122,15 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
             panels.append(
                 _Panel(key, title, ylabel, values, xs, robust_ylim=robust, hline=0.0 if robust else None)
             )
-    wasserstein = getattr(result, "wasserstein", None)
-    if wasserstein is not None:
-        values = np.asarray(wasserstein, dtype=float)
-        panels.append(
-            _Panel(
-                "wasserstein",
-                "Wasserstein distance of the token cloud per step",
-                "W(layer l−1, l)",
-                values,
-                x_for(values.shape[1], 1),
-            )
-        )
-    token_cosine = getattr(result, "token_cosine", None)
-    if token_cosine is not None:
-        values = np.asarray(token_cosine, dtype=float)
-        panels.append(
-            _Panel(
-                "token_cosine",
-                "mean cosine among the prompt's tokens",
-                "cosine",
-                values,
-                x_for(values.shape[1], 0),
-            )
-        )
+    # Token-cloud panels, present only for runs that kept every token: (attribute, title, y label, first layer).
+    for key, title, ylabel, first in (
+        ("wasserstein", "Wasserstein distance of the token cloud per step", "W(layer l−1, l)", 1),
+        ("token_cosine", "mean cosine among the prompt's tokens", "cosine", 0),
+    ):
+        found = getattr(result, key, None)
+        if found is not None:
+            values = np.asarray(found, dtype=float)
+            panels.append(_Panel(key, title, ylabel, values, x_for(values.shape[1], first)))
     axis = getattr(result, "axis", None)
     axis_score = getattr(result, "axis_score", None)
     if axis is not None and axis_score is not None:
