@@ -59,7 +59,7 @@ def version_of(distribution: str) -> str | None:
 def machine() -> dict[str, Any]:
     import torch
 
-    from tokentrail.tracing import usable_cpus
+    from tokentrail.batching import usable_cpus
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -158,8 +158,9 @@ def throughput(args) -> dict[str, Any]:
     import torch
     from workloads import mixed_prompts
 
+    from tokentrail.batching import set_sane_threads
     from tokentrail.models import load_model
-    from tokentrail.tracing import TraceOptions, Tracer, set_sane_threads
+    from tokentrail.tracing import TraceOptions, Tracer
 
     set_sane_threads()
     loaded = load_model("default")
@@ -253,8 +254,9 @@ def throughput(args) -> dict[str, Any]:
 
 
 def memory(args) -> dict[str, Any]:
+    from tokentrail.batching import batch_cost, default_memory_budget
     from tokentrail.models import load_model
-    from tokentrail.tracing import Tracer, batch_cost, default_memory_budget
+    from tokentrail.tracing import Tracer
 
     configs = {}
     for config in ("bare", "tokentrail", "hidden_states"):
