@@ -37,12 +37,17 @@ def first_tensor(output: Any) -> Any:
     return output
 
 
+def forward_parameters(module: torch.nn.Module) -> list[str]:
+    """The names a module's forward accepts, in order; empty when its signature cannot be read."""
+    try:
+        return [name for name in inspect.signature(module.forward).parameters if name != "self"]
+    except (TypeError, ValueError):
+        return []
+
+
 def first_parameter(module: torch.nn.Module) -> str:
     """Name of a block's first forward argument, where its hidden state arrives when passed by keyword."""
-    try:
-        names = [name for name in inspect.signature(module.forward).parameters if name not in ("self",)]
-    except (TypeError, ValueError):
-        names = []
+    names = forward_parameters(module)
     return names[0] if names else "hidden_states"
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from tokentrail.errors import ArchitectureError, TokentrailError, first_line
-from tokentrail.models.parts import _Chain, modules_around_blocks
+from tokentrail.models.parts import _Chain, modules_around_blocks, to_batch_first
 
 if TYPE_CHECKING:  # annotations only: loading sits above tracing
     from tokentrail.models.loading import LoadedModel
@@ -158,7 +158,7 @@ def _reference(loaded: LoadedModel, ids: list[int]) -> _Reference:
         # output_hidden_states may be laid out otherwise than the blocks (XLNet reports them batch first).
         own = _layout_of(tensor, n_tokens)
         if own is not None:
-            tensor = _as_batch_first(tensor, n_tokens, *own)
+            tensor = to_batch_first(tensor, 1, n_tokens, *own)
         return tensor[0].reshape(n_tokens, -1).to(torch.float32).cpu().numpy()
 
     return _Reference(
@@ -191,14 +191,6 @@ def _layout_of(output: Any, n_tokens: int) -> tuple[str, bool] | None:
     if shape[0] == 1 and shape[1] > n_tokens:
         return "batch", True
     return None
-
-
-def _as_batch_first(tensor: torch.Tensor, n_tokens: int, layout: str, extra: bool) -> torch.Tensor:
-    if layout == "sequence":
-        tensor = tensor.transpose(0, 1)
-    elif layout == "streams":
-        tensor = tensor.permute(1, 2, 0, 3)
-    return tensor[:, -n_tokens:] if extra else tensor
 
 
 def _traced(loaded: LoadedModel, encoded: list[list[int]], padding: str) -> tuple[dict[str, Any], int]:

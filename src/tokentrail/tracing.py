@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from tokentrail.batching import batch_cost, default_memory_budget, set_sane_threads
-from tokentrail.capture import LayerHooks, first_tensor, layer_hooks, slot_name
+from tokentrail.capture import LayerHooks, first_tensor, forward_parameters, layer_hooks, slot_name
 from tokentrail.core.trace import Trace, TraceOptions, parse_position
 from tokentrail.errors import TokentrailError
 
@@ -41,10 +40,7 @@ AUTO_CPU_BATCH_TOKENS = 1024
 
 
 def _supports(module: torch.nn.Module, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return argument in forward_parameters(module)
 
 
 class _Capture:

@@ -83,18 +83,7 @@ class ModelParts:
     def batch_first(self, hidden: Any, n_rows: int, width: int, layout: str | None = None) -> torch.Tensor | None:
         """A block's (or the final norm's) output as `[n_rows, width, *stream]`, or None if it is not laid out
         as the self-check found: the tracer then refuses the forward pass rather than read the wrong axis."""
-        if not isinstance(hidden, torch.Tensor):
-            return None
-        layout = layout or self.layout
-        if layout == "sequence" and hidden.ndim == 3:
-            hidden = hidden.transpose(0, 1)
-        elif layout == "streams" and hidden.ndim == 4:
-            hidden = hidden.permute(1, 2, 0, 3)
-        if hidden.ndim < 3 or hidden.shape[0] != n_rows:
-            return None
-        if self.extra_leading_tokens and hidden.shape[1] > width:
-            hidden = hidden[:, -width:]
-        return hidden if hidden.shape[1] == width else None
+        return to_batch_first(hidden, n_rows, width, layout or self.layout, self.extra_leading_tokens)
 
     @property
     def n_layers(self) -> int:
@@ -137,6 +126,23 @@ class ModelParts:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+
+def to_batch_first(hidden: Any, n_rows: int, width: int, layout: str, extra_leading_tokens: bool,
+                   ) -> torch.Tensor | None:
+    """`hidden` laid out as `layout` ("batch", "sequence" [T, B, H] or "streams" [S, B, T, H]) as
+    `[n_rows, width, ...]`, keeping the last `width` positions where extra tokens lead; None if it does not fit."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    if layout == "sequence" and hidden.ndim == 3:
+        hidden = hidden.transpose(0, 1)
+    elif layout == "streams" and hidden.ndim == 4:
+        hidden = hidden.permute(1, 2, 0, 3)
+    if hidden.ndim < 3 or hidden.shape[0] != n_rows:
+        return None
+    if extra_leading_tokens and hidden.shape[1] > width:
+        hidden = hidden[:, -width:]
+    return hidden if hidden.shape[1] == width else None
 
 
 # Names a final norm goes by, beside the block list. A post-norm model (BERT and its kin as decoders, OpenAI-GPT,

@@ -40,6 +40,7 @@ from tokentrail.steering.results import (
     condition_label,
     random_answer_rows,
     result_rows,
+    rounded,
     write_csv,
     write_outputs,
 )
@@ -259,16 +260,13 @@ def _conditions(loaded: LoadedModel, arms: Sequence[Arm], problems: Sequence[Any
             correct = np.array([is_correct(e, a) for e, a in zip(extracted, answers)], dtype=bool)
             conditions.append(Condition(arm.name, arm.layer, arm.alpha, texts, extracted, correct, states,
                                         seconds, arm.draw))
-    order = {id(arm): i for i, arm in enumerate(arms)}  # back in the order the arms were planned
-    by_key = {(c.name, c.layer, c.alpha, c.draw): c for c in conditions}
-    return [by_key[(arm.name, arm.layer, arm.alpha, arm.draw)] for arm in sorted(arms, key=lambda a: order[id(a)])]
+    by_key = {(c.name, c.layer, c.alpha, c.draw): c for c in conditions}  # back in the order of the plan
+    return [by_key[(arm.name, arm.layer, arm.alpha, arm.draw)] for arm in arms]
 
 
 def _plan(cells: Sequence[tuple[int, float]], vectors: dict[int, SteeringVector], n_random: int, seed: int,
-          prompting: bool = True) -> list[Arm]:
-    arms = [Arm("baseline", "word")]
-    if prompting:
-        arms += [Arm("instruction", "instruction"), Arm("pure-math", "math")]
+          ) -> list[Arm]:
+    arms = [Arm("baseline", "word"), Arm("instruction", "instruction"), Arm("pure-math", "math")]
     for layer, alpha in cells:
         arms.append(Arm("steer", "word", layer, alpha, vectors[layer]))
         arms += [Arm("random", "word", layer, alpha, vector, draw)
@@ -424,6 +422,9 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
     seen = {p.question for p in dev_problems} | {p.expression for p in dev_problems}
     candidates = generate_problems(2 * len(dev_problems), test_seed)
     problems = [p for p in candidates if p.question not in seen and p.expression not in seen][:len(dev_problems)]
+    if len(problems) < len(dev_problems):
+        raise TokentrailError(f"test seed {test_seed} gives only {len(problems)} problems that the development set "
+                              f"does not share, not {len(dev_problems)}; pass another --test-seed")
     arms = _plan([(layer, alpha)], vectors, n_random, seed + 2)  # other random draws than the development's
     encoded = _encode_all(loaded, problems, formats, chat)
     with progress_bar("confirming", "generations", disable=not show_progress) as progress:
@@ -453,8 +454,7 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
     write_csv(out / "confirm_results.csv", rows)
     write_csv(out / "confirm_random_draws.csv", draws)
     return {"layer": layer, "alpha": alpha, "test_seed": test_seed, "n_problems": len(problems),
-            "rows": [{k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else
-                          (None if isinstance(v, float) else v)) for k, v in row.items()} for row in rows],
+            "rows": [{k: rounded(v) for k, v in row.items()} for row in rows],
             "verdict": verdict, "text": text, "generations": len(arms) * len(problems)}
 
 

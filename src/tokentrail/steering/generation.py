@@ -7,7 +7,6 @@ Prompts are encoded exactly as the `Tracer` encodes them, so traces and generati
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokentrail.capture import layer_hooks
+from tokentrail.capture import forward_parameters, layer_hooks
 from tokentrail.core.trace import TraceOptions
 from tokentrail.errors import TokentrailError
 from tokentrail.models.loading import LoadedModel
@@ -23,13 +22,6 @@ from tokentrail.steering.hooks import Steering, check_steerable
 from tokentrail.tracing import Tracer
 
 DEFAULT_MAX_NEW_TOKENS = 16  # room for an echoed two-step equation: ' 32 + 28 + 4 = 64'
-
-
-def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def _cache_of(output: Any, name: str) -> Any:
@@ -142,7 +134,7 @@ def generate(
     if repeat > 1 and steering is not None and steering.position != "last":
         raise TokentrailError("a shared prompt prefix needs steering at the last prompt token only (position last)")
     tokenizer = loaded.tokenizer
-    parameters = _forward_parameters(loaded.model)
+    parameters = set(forward_parameters(loaded.model))
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -243,7 +235,7 @@ class _Decoding:
                     mask[row] = 0
             if self.steering is not None:
                 self.steering.positions = torch.zeros(input_ids.shape, dtype=torch.bool)  # nothing steered
-                self.steering.rows = np.repeat(np.asarray(problems) * repeat, 1)
+                self.steering.rows = np.asarray(problems) * repeat  # valid rows; nothing is steered here
             prefix_out, _ = self._forward(input_ids, mask)
             cache = _cache_of(prefix_out, self.cache_name)
             if not hasattr(cache, "batch_repeat_interleave"):

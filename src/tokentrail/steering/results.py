@@ -109,7 +109,7 @@ class SteeringResult:
     def section(self) -> dict[str, Any]:
         """The report's extra section: title, a one-paragraph reading, the heat map and the table."""
         figures = [self.files[k] for k in ("heatmap_png",) if k in self.files]
-        table = [{c: _rounded(row.get(c)) for c in REPORT_COLUMNS} for row in self.rows]
+        table = [{c: rounded(row.get(c)) for c in REPORT_COLUMNS} for row in self.rows]
         return {"title": "Steering experiment", "text": self.summary_text(), "html_figures": figures,
                 "table": table}
 
@@ -126,7 +126,7 @@ def _fmt_p(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.3g}"
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4) if math.isfinite(value) else None
     return value
@@ -209,10 +209,10 @@ def result_rows(
             row.update(null_p=empirical_p(row["gain"], null_gains), null_gain_mean=float(np.mean(null_gains)),
                        null_gain_max=float(np.max(null_gains)),
                        p_vs_random=exchangeable_p(condition.correct, np.stack([draw.correct for draw in draws])))
-            for draw, compared in zip(draws, null_rows):
-                draw_rows.append({"layer": draw.layer, "alpha": draw.alpha, "draw": draw.draw, **compared,
-                                  "changed": float(np.mean([g != b for g, b in zip(draw.generations,
-                                                                                   baseline.generations)]))})
+            changed = [float(np.mean([g != b for g, b in zip(draw.generations, baseline.generations)]))
+                       for draw in draws]
+            draw_rows += [{"layer": draw.layer, "alpha": draw.alpha, "draw": draw.draw, **compared, "changed": moved}
+                          for draw, compared, moved in zip(draws, null_rows, changed)]
             accuracy = float(np.mean([r["accuracy"] for r in null_rows]))
             rows.append({
                 **{key: nan for key in row}, "condition": "random", "layer": condition.layer,
@@ -220,7 +220,7 @@ def result_rows(
                 "n": row["n"], "correct": float(np.mean([r["correct"] for r in null_rows])), "accuracy": accuracy,
                 "ci_low": float(np.percentile([r["accuracy"] for r in null_rows], 2.5)),
                 "ci_high": float(np.percentile([r["accuracy"] for r in null_rows], 97.5)),
-                "gain": float(np.mean(null_gains)), "changed": float(np.mean([r["changed"] for r in draw_rows[-len(draws):]])),
+                "gain": float(np.mean(null_gains)), "changed": float(np.mean(changed)),
                 "seconds": round(sum(draw.seconds for draw in draws), 2),
             })
     steered = [row for row in rows if row["condition"] == "steer"]
@@ -297,18 +297,18 @@ def write_outputs(result: SteeringResult, conditions: Sequence[Condition], probl
         files.update(heatmap_png=png, heatmap_svg=svg)
     templates = sorted({p.template for p in problems})
     by_template = {
-        condition_label(c): {t: _rounded(float(np.mean([ok for ok, p in zip(c.correct, problems) if p.template == t])))
+        condition_label(c): {t: rounded(float(np.mean([ok for ok, p in zip(c.correct, problems) if p.template == t])))
                              for t in templates}
         for c in conditions if c.name != "random"
     }
     summary = {
         "settings": result.settings,
         "text": result.summary_text(),
-        "rows": [{k: _rounded(v) for k, v in row.items()} for row in result.rows],
+        "rows": [{k: rounded(v) for k, v in row.items()} for row in result.rows],
         "report_table": result.section()["table"],
         "confirm": result.confirm,
         "accuracy_by_template": by_template,
-        "axis_profiles": {k: [_rounded(v) for v in values] for k, values in result.axis_profiles.items()},
+        "axis_profiles": {k: [rounded(v) for v in values] for k, values in result.axis_profiles.items()},
         "files": {k: str(v.relative_to(result.run_dir)) for k, v in files.items() if k != "summary"},
     }
     atomic_write_json(files["summary"], summary)
