@@ -144,7 +144,7 @@ def test_cli_traces_with_auto_and_records_both(monkeypatch, tmp_path, tiny_model
     assert store.header["model"]["dtype"] == "bfloat16"
 
     # The stored states are bfloat16's: equal to the model's own bfloat16 forward pass, not to float32's.
-    states = store.load(texts, [str(i) for i in range(4)], ["m", "m", "s", "s"], [""] * 4).states
+    states = store.load(texts, prompt_ids=[str(i) for i in range(4)], categories=["m", "m", "s", "s"], labels=[""] * 4).states
     n_blocks = states.shape[1] - 1
     bf16 = _reference_states(tiny_model_dir, texts, torch.bfloat16)
     f32 = _reference_states(tiny_model_dir, texts, torch.float32)

@@ -71,7 +71,8 @@ def trace(
     loaded = load_model(model) if isinstance(model, str) else model
     options = TraceOptions(position=str(position), top_k=top_k, logit_lens=logit_lens, chat=chat, truncate=truncate)
     tracer = Tracer(loaded, options, batch_size=batch_size)
-    return tracer.trace(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+    return tracer.trace(prompt_set.texts, prompt_ids=prompt_set.ids, categories=prompt_set.categories,
+                        labels=prompt_set.labels)
 
 
 @dataclass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -163,27 +167,76 @@ def _permutations(value: int | None, option: str = "--permutations") -> int | No
     return value
 
 
-def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
-           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine="local", workers=2,
-           ray_address=None, self_check=True, prompt_set=None):
+def _options_from(declared: Callable[..., None], into: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator: the command's parameter `into` becomes the options `declared` lists, in its place, and the
+    command receives them as one dict under that name. Commands that share a group of options declare it once."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        shared = list(inspect.signature(declared, eval_str=True).parameters.values())
+        merged: list[inspect.Parameter] = []
+        for parameter in inspect.signature(command, eval_str=True).parameters.values():
+            merged.extend(shared if parameter.name == into else [parameter])
+        shared_names = [p.name for p in shared]
+
+        @functools.wraps(command)
+        def with_options(**given: Any) -> None:
+            group = {name: given.pop(name) for name in shared_names}
+            command(**given, **{into: group})
+
+        # Typer reads a command's options from its signature and annotations; these list the merged options.
+        with_options.__signature__ = inspect.Signature(merged)  # type: ignore[attr-defined]
+        with_options.__annotations__ = {p.name: p.annotation for p in merged}
+        return with_options
+
+    return decorate
+
+
+def _model_option_list(model: ModelOpt = "default", revision: RevisionOpt = None, dtype: DtypeOpt = "float32",
+                       device: DeviceOpt = "cpu", trust_remote_code: TrustOpt = False,
+                       self_check: SelfCheckOpt = True) -> None:
+    """The options of every command that loads a model, declared once (see `_options_from`)."""
+
+
+# `loaded`: the model options of `_model_option_list` stand there.
+@_options_from(_model_option_list, "loaded")
+def _trace_options(prompts_file: PromptsFile = None, preset: PresetOpt = None, loaded: Any = None,
+                   device_map: DeviceMapOpt = None, chat: ChatOpt = False, position: PositionOpt = "last",
+                   top_k: TopKOpt = 5, logit_lens: LensOpt = True, truncate: TruncateOpt = False,
+                   batch_size: BatchOpt = "16", shard_size: ShardOpt = 64, engine: EngineOpt = "local",
+                   workers: WorkersOpt = 2, ray_address: RayAddressOpt = None, out_dir: OutOpt = DEFAULT_OUT,
+                   quiet: QuietOpt = False) -> None:
+    """The options `trace` and `run` share, declared once (see `_options_from`)."""
+
+
+def _analysis_option_list(layers: LayersOpt = None, include_final: FinalOpt = None, components: ComponentsOpt = None,
+                          normalize: NormalizeOpt = None, center: CenterOpt = None, fit_on: FitOnOpt = None,
+                          axis: AxisOpt = None, sustain: SustainOpt = None, permutations: PermOpt = None) -> None:
+    """The options `analyze` and `run` share, declared once (see `_options_from`)."""
+
+
+def _trace(traced: dict[str, Any], prompt_set=None):
+    """Trace what the store lacks, with the options of `_trace_options`; returns the run's `TraceOutcome`."""
     from tokentrail.core.settings import BatchSettings, EngineSettings
     from tokentrail.core.trace import TraceOptions, parse_position
     from tokentrail.prompts import resolve_prompts
     from tokentrail.runs import trace_run
 
+    o = SimpleNamespace(**traced)
     if prompt_set is None:
-        prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
-    _out_dir(out_dir)
-    parse_position(position)
-    options = TraceOptions(position=position, chat=chat, top_k=top_k, logit_lens=logit_lens, truncate=truncate)
-    if shard_size < 1:
-        raise TokentrailError(f"--shard-size must be at least 1, got {shard_size}")
-    batch_count = _batch_size(batch_size)
-    settings = _model_settings(model, revision, dtype, device, trust_remote_code, device_map, self_check)
-    if workers < 1:
-        raise TokentrailError(f"--workers must be at least 1, got {workers}")
-    outcome = trace_run(out_dir, prompt_set, settings, options, BatchSettings(batch_count, shard_size),
-                        show_progress=not quiet, engine=EngineSettings(engine, workers, ray_address))
+        prompt_set = resolve_prompts(o.prompts_file, o.preset, DEFAULT_PRESET)
+    _out_dir(o.out_dir)
+    parse_position(o.position)
+    options = TraceOptions(position=o.position, chat=o.chat, top_k=o.top_k, logit_lens=o.logit_lens,
+                           truncate=o.truncate)
+    if o.shard_size < 1:
+        raise TokentrailError(f"--shard-size must be at least 1, got {o.shard_size}")
+    batch_count = _batch_size(o.batch_size)
+    settings = _model_settings(o.model, o.revision, o.dtype, o.device, o.trust_remote_code, o.device_map,
+                               o.self_check)
+    if o.workers < 1:
+        raise TokentrailError(f"--workers must be at least 1, got {o.workers}")
+    outcome = trace_run(o.out_dir, prompt_set, settings, options, BatchSettings(batch_count, o.shard_size),
+                        show_progress=not o.quiet, engine=EngineSettings(o.engine, o.workers, o.ray_address))
     for problem in outcome.report.problems:
         err.print(warning_text(problem))
     report = outcome.report
@@ -195,83 +248,28 @@ def _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_co
 
 
 @app.command(epilog="Example: `tokentrail trace --preset seed-spectrum --out runs/spectrum`")
-def trace(
-    prompts_file: PromptsFile = None,
-    preset: PresetOpt = None,
-    model: ModelOpt = "default",
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    device_map: DeviceMapOpt = None,
-    self_check: SelfCheckOpt = True,
-    chat: ChatOpt = False,
-    position: PositionOpt = "last",
-    top_k: TopKOpt = 5,
-    logit_lens: LensOpt = True,
-    truncate: TruncateOpt = False,
-    batch_size: BatchOpt = "16",
-    shard_size: ShardOpt = 64,
-    engine: EngineOpt = "local",
-    workers: WorkersOpt = 2,
-    ray_address: RayAddressOpt = None,
-    out_dir: OutOpt = DEFAULT_OUT,
-    quiet: QuietOpt = False,
-) -> None:
+@_options_from(_trace_options, "traced")
+def trace(traced: dict[str, Any]) -> None:
     """Trace prompts into a run directory's store (only those not traced before)."""
-    _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat, position,
-           top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers, ray_address,
-           self_check)
-    out.print(f"store: {out_dir / 'store'}")
+    _trace(traced)
+    out.print(f"store: {traced['out_dir'] / 'store'}")
 
 
 @app.command(epilog="Example: `tokentrail run` (embedded model, seed-categories, ./tokentrail-out/)")
-def run(
-    prompts_file: PromptsFile = None,
-    preset: PresetOpt = None,
-    model: ModelOpt = "default",
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    device_map: DeviceMapOpt = None,
-    self_check: SelfCheckOpt = True,
-    chat: ChatOpt = False,
-    position: PositionOpt = "last",
-    top_k: TopKOpt = 5,
-    logit_lens: LensOpt = True,
-    truncate: TruncateOpt = False,
-    batch_size: BatchOpt = "16",
-    shard_size: ShardOpt = 64,
-    engine: EngineOpt = "local",
-    workers: WorkersOpt = 2,
-    ray_address: RayAddressOpt = None,
-    out_dir: OutOpt = DEFAULT_OUT,
-    quiet: QuietOpt = False,
-    layers: LayersOpt = None,
-    include_final: FinalOpt = None,
-    components: ComponentsOpt = None,
-    normalize: NormalizeOpt = None,
-    center: CenterOpt = None,
-    fit_on: FitOnOpt = None,
-    axis: AxisOpt = None,
-    sustain: SustainOpt = None,
-    permutations: PermOpt = None,
-    fps: FpsOpt = 4.0,
-) -> None:
+@_options_from(_trace_options, "traced")
+@_options_from(_analysis_option_list, "analysed")
+def run(traced: dict[str, Any], analysed: dict[str, Any], fps: FpsOpt = 4.0) -> None:
     """Trace what is missing, then run every analysis and figure, and say where the results are."""
     from tokentrail.prompts import resolve_prompts
     from tokentrail.runs import compute_analysis, report_run
 
     # Every option is checked before the model loads: a typo in an analysis option must not cost a trace.
-    prompt_set = resolve_prompts(prompts_file, preset, DEFAULT_PRESET)
+    out_dir = traced["out_dir"]
+    prompt_set = resolve_prompts(traced["prompts_file"], traced["preset"], DEFAULT_PRESET)
     _out_dir(out_dir)
     _fps(fps)
-    options = _analysis_options(out_dir, prompt_set.categories, layers, include_final, components, normalize,
-                                center, fit_on, axis, sustain, permutations)
-    outcome = _trace(prompts_file, preset, model, revision, dtype, device, trust_remote_code, device_map, chat,
-                     position, top_k, logit_lens, truncate, batch_size, shard_size, out_dir, quiet, engine, workers,
-                     ray_address, self_check, prompt_set)
+    options = _analysis_options(out_dir, prompt_set.categories, analysed)
+    outcome = _trace(traced, prompt_set)
     trace_result = outcome.trace
     table = Table(title="next token per prompt", show_lines=False)
     for column in ("id", "category", "prompt", "top-1", "p"):
@@ -294,19 +292,21 @@ def _split(value: str | None) -> list[str] | None:
     return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _analysis_options(run_dir: Path, categories: list[str] | None, layers, include_final, components, normalize,
-                      center, fit_on, axis, sustain, permutations):
-    """The analysis options (the run's saved ones with these on top), checked against `categories` if given."""
+def _analysis_options(run_dir: Path, categories: list[str] | None, analysed: dict[str, Any]):
+    """The analysis options (the run's saved ones with `analysed` on top), checked against `categories` if given."""
     from tokentrail.runs import RUN_FILE, analysis_options, read_run
+
+    o = SimpleNamespace(**analysed)
+    axis = o.axis
 
     axis_pair = _split(axis)
     if axis_pair is not None and len(axis_pair) != 2:
         raise TokentrailError(f"--axis needs two categories A,B, got {axis!r}")
     run = read_run(run_dir) if (Path(run_dir) / RUN_FILE).is_file() else {}
     options = analysis_options(
-        run, layers=layers, include_final=include_final, n_components=_components(components),
-        normalize=normalize, center=center, fit_on=_split(fit_on), axis=axis_pair, sustain=sustain,
-        n_permutations=_permutations(permutations),
+        run, layers=o.layers, include_final=o.include_final, n_components=_components(o.components),
+        normalize=o.normalize, center=o.center, fit_on=_split(o.fit_on), axis=axis_pair, sustain=o.sustain,
+        n_permutations=_permutations(o.permutations),
     )
     if categories is not None:
         try:
@@ -337,24 +337,13 @@ def _analysis(run_dir: Path, options, computed=None):
 
 
 @app.command(epilog="Example: `tokentrail analyze tokentrail-out --normalize rms --center per-layer`")
-def analyze(
-    run_dir: RunDirArg,
-    layers: LayersOpt = None,
-    include_final: FinalOpt = None,
-    components: ComponentsOpt = None,
-    normalize: NormalizeOpt = None,
-    center: CenterOpt = None,
-    fit_on: FitOnOpt = None,
-    axis: AxisOpt = None,
-    sustain: SustainOpt = None,
-    permutations: PermOpt = None,
-) -> None:
+@_options_from(_analysis_option_list, "analysed")
+def analyze(run_dir: RunDirArg, analysed: dict[str, Any]) -> None:
     """Recompute projection, dynamics, separation, bifurcations and transport from the store (no model)."""
     from tokentrail.runs import read_run
 
     read_run(run_dir)  # a directory that is not a run is refused as such, before any option
-    _analysis(run_dir, _analysis_options(run_dir, None, layers, include_final, components, normalize, center,
-                                         fit_on, axis, sustain, permutations))
+    _analysis(run_dir, _analysis_options(run_dir, None, analysed))
 
 
 @app.command(epilog="Example: `tokentrail plot tokentrail-out --fps 6`")
@@ -449,14 +438,10 @@ def _numbers(value: str | None, kind, what: str) -> list | None:
 
 
 @app.command(epilog="Example: `tokentrail steer --out runs/steer --layers 10,15 --alphas 0.25,0.5,1`")
+@_options_from(_model_option_list, "loaded")
 def steer(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (seed-spectrum is traced into it if empty).")] = Path("tokentrail-steer"),
-    model: ModelOpt = "default",
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    self_check: SelfCheckOpt = True,
+    loaded: Any = None,  # the model options of `_model_option_list` stand here
     layers: Annotated[str | None, typer.Option("--layers", help="Layers to steer at, e.g. 10,15, or 'all' for the whole depth (default: ~L/3 and L/2).")] = None,
     alphas: Annotated[str, typer.Option("--alphas", help="Coefficients, in units of the median residual norm at the layer.")] = "0.25,0.5,1",
     problems: Annotated[int, typer.Option("--problems", help="Generated word problems (seeded).")] = 200,
@@ -481,7 +466,7 @@ def steer(
     from tokentrail.runs import report_run
     from tokentrail.steering import run_steering
 
-    settings = _model_settings(model, revision, dtype, device, trust_remote_code, None, self_check)
+    settings = _model_settings(device_map=None, **loaded)
     _out_dir(out_dir)
     chosen_layers = "all" if layers is not None and layers.strip() == "all" else _numbers(layers, int, "--layers")
     result = run_steering(

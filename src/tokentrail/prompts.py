@@ -63,21 +63,11 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    @property
-    def ids(self) -> list[str]:
-        return [p.id for p in self.prompts]
-
-    @property
-    def texts(self) -> list[str]:
-        return [p.text for p in self.prompts]
-
-    @property
-    def categories(self) -> list[str]:
-        return [p.category for p in self.prompts]
-
-    @property
-    def labels(self) -> list[str]:
-        return [p.label for p in self.prompts]
+    # Each prompt's field, in order: `prompt_set.texts`, `.ids`, `.categories`, `.labels`.
+    ids = property(lambda self: [p.id for p in self.prompts])
+    texts = property(lambda self: [p.text for p in self.prompts])
+    categories = property(lambda self: [p.category for p in self.prompts])
+    labels = property(lambda self: [p.label for p in self.prompts])
 
     def to_records(self) -> list[dict[str, str]]:
         return [{"id": p.id, "text": p.text, "category": p.category, "label": p.label} for p in self.prompts]

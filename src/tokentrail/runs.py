@@ -153,7 +153,8 @@ def trace_run(
     with run_file_lock(run_dir):
         _record_trace(run_dir, prompt_set, model_settings, fp, options, batching, engine, report, made, model,
                       extra_settings)
-    trace = store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+    trace = store.load(prompt_set.texts, prompt_ids=prompt_set.ids, categories=prompt_set.categories,
+                       labels=prompt_set.labels)
     return RunOutcome(run_dir=run_dir, report=report, trace=trace)
 
 
@@ -225,7 +226,8 @@ def traced_run(run_dir: Path, verify: bool) -> tuple[dict[str, Any], PromptSet, 
 def load_trace(run_dir: Path) -> tuple[dict[str, Any], Trace]:
     """The run's settings and its prompts' traces, read from the store; no model needed."""
     run, prompt_set, store = traced_run(run_dir, verify=True)
-    return run, store.load(prompt_set.texts, prompt_set.ids, prompt_set.categories, prompt_set.labels)
+    return run, store.load(prompt_set.texts, prompt_ids=prompt_set.ids, categories=prompt_set.categories,
+                           labels=prompt_set.labels)
 
 
 def project_run(run_dir: Path, options=None, to: Path | None = None,

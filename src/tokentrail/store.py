@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
@@ -41,8 +41,11 @@ from safetensors.numpy import save as save_safetensors
 
 from tokentrail._version import __version__
 from tokentrail.atomic import atomic_create_bytes, atomic_write_bytes, atomic_write_json
-from tokentrail.core.trace import Trace
+from tokentrail.core.trace import PromptNames, Trace
 from tokentrail.errors import StoreError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
 
 STORE_FORMAT = 2
 HEADER_FILE = "header.json"
@@ -483,14 +486,9 @@ class TraceStore:
                              "and trace those prompts again")
         return loaded
 
-    def load(
-        self,
-        texts: Sequence[str],
-        prompt_ids: Sequence[str] | None = None,
-        categories: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> Trace:
-        """Assemble a Trace for `texts` from the shards, in the order given."""
+    def load(self, texts: Sequence[str], **names: Unpack[PromptNames]) -> Trace:
+        """Assemble a Trace for `texts` from the shards, in the order given; `names` are `prompt_ids`, `categories`
+        and `labels`, each one per text."""
         texts = list(texts)
         by_shard = self._rows_by_shard([prompt_key(t) for t in texts])
         n = len(texts)
@@ -519,9 +517,7 @@ class TraceStore:
         every_token = n > 0 and all(states is not None for states in lists["token_states"])
         return Trace.assemble(
             texts,
-            prompt_ids,
-            categories,
-            labels,
+            **names,
             states=pieces["states"],
             final_states=pieces["final_states"],
             token_ids=lists["token_ids"],

@@ -24,10 +24,12 @@ import torch
 
 from tokentrail.batching import batch_cost, default_memory_budget, set_sane_threads
 from tokentrail.capture import LayerHooks, first_tensor, forward_parameters, layer_hooks, slot_name
-from tokentrail.core.trace import Trace, TraceOptions, parse_position
+from tokentrail.core.trace import PromptNames, Trace, TraceOptions, parse_position
 from tokentrail.errors import TokentrailError
 
 if TYPE_CHECKING:  # annotations only: loading sits above tracing
+    from typing_extensions import Unpack  # in `typing` from Python 3.11
+
     from tokentrail.models.loading import LoadedModel
 
 # "none": only prompts of equal length share a forward pass. Right for every causal model; recurrent models
@@ -480,22 +482,15 @@ class Tracer:
             start += length
         return out
 
-    def trace(
-        self,
-        prompts: Sequence[str],
-        prompt_ids: Sequence[str] | None = None,
-        categories: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> Trace:
-        """Trace prompt texts into a `Trace` (the notebook entry point)."""
+    def trace(self, prompts: Sequence[str], **names: Unpack[PromptNames]) -> Trace:
+        """Trace prompt texts into a `Trace` (the notebook entry point); `names` are `prompt_ids`, `categories`
+        and `labels`, each one per prompt."""
         prompts = list(prompts)
         encoded = self.encode(prompts)
         arrays = self.trace_ids(encoded)
         return Trace.assemble(
             prompts,
-            prompt_ids,
-            categories,
-            labels,
+            **names,
             states=arrays["states"],
             final_states=arrays["final_states"],
             token_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded],

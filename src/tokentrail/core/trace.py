@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -28,6 +28,15 @@ def parse_position(position: str | int) -> str | int:
         return int(text)
     except ValueError:
         raise TokentrailError(f"unknown position {position!r}; use last, all, or a token index like 0 or -2") from None
+
+
+class PromptNames(TypedDict, total=False):
+    """What a caller may say about its prompts besides their texts, one entry per prompt; `Trace.assemble` fills
+    in what is left out. The tracer and the store take these as keywords (`**names: Unpack[PromptNames]`)."""
+
+    prompt_ids: Sequence[str] | None
+    categories: Sequence[str] | None
+    labels: Sequence[str] | None
 
 
 @dataclass(frozen=True)

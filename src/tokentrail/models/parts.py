@@ -386,18 +386,9 @@ def find_parts(model: nn.Module) -> ModelParts:
     final_norm_path, final_norm = norms[0]
     candidates_heads = _head_candidates(model, unembed, blocks[0])
     head_name, head = candidates_heads[0]
-    return ModelParts(
-        blocks=list(blocks),
-        final_norm=final_norm,
-        unembed=unembed,
-        blocks_path=blocks_path,
-        final_norm_path=final_norm_path,
-        head=head,
-        head_path=head_name,
-        head_candidates=candidates_heads,
-        norm_candidates=norms,
-        entry=entry,
-        **_readout_scalings(model, text_config),
-    )
+    return ModelParts(blocks=list(blocks), blocks_path=blocks_path, entry=entry, unembed=unembed,
+                      final_norm=final_norm, final_norm_path=final_norm_path, norm_candidates=norms,
+                      head=head, head_path=head_name, head_candidates=candidates_heads,
+                      **_readout_scalings(model, text_config))
 
 

@@ -81,9 +81,18 @@ CONTAINERS = ["boxes", "bags", "packs", "jars", "crates"]
 
 @dataclass(frozen=True)
 class _Template:
+    """A problem shape: `draw` picks the numbers (in a fixed order, so a seed always gives the same problem);
+    `question` and `expression` are format strings over those numbers and the people and things of `_people`."""
+
     name: str
     steps: int
-    make: Callable[[random.Random, dict[str, str]], tuple[str, str]]
+    draw: Callable[[random.Random], dict[str, int]]
+    question: str
+    expression: str
+
+    def make(self, rng: random.Random, people: dict[str, str]) -> tuple[str, str]:
+        numbers = self.draw(rng)
+        return self.question.format(**people, **numbers), self.expression.format(**numbers)
 
 
 def _people(rng: random.Random) -> dict[str, str]:
@@ -94,108 +103,55 @@ def _people(rng: random.Random) -> dict[str, str]:
     }
 
 
-def _add(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(2, 60)
-    q = (f"{w['name']} has {a} {w['item']}. {w['other']} gives {w['him']} {b} more. "
-         f"How many {w['item']} does {w['name']} have now?")
-    return q, f"{a} + {b}"
-
-
-def _subtract(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a = rng.randint(20, 99)
-    b = rng.randint(2, a - 2)
-    q = (f"{w['name']} has {a} {w['item']} and gives {b} of them to {w['other']}. "
-         f"How many {w['item']} does {w['name']} have left?")
-    return q, f"{a} - {b}"
-
-
-def _multiply(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    q = (f"{w['name']} buys {a} {w['box']} of {w['item']}. Each of the {w['box']} holds {b} {w['item']}. "
-         f"How many {w['item']} does {w['name']} buy in total?")
-    return q, f"{a} * {b}"
-
-
-def _divide(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    b, share = rng.randint(2, 9), rng.randint(2, 12)
-    a = b * share
-    q = (f"{w['name']} shares {a} {w['item']} equally among {b} friends. "
-         f"How many {w['item']} does each friend get?")
-    return q, f"{a} / {b}"
-
-
-def _age(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a = rng.randint(15, 80)
-    b = rng.randint(2, a - 5)
-    q = f"{w['name']} is {a} years old. {w['other']} is {b} years younger. How old is {w['other']}?"
-    return q, f"{a} - {b}"
-
-
-def _speed(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b = rng.randint(2, 9) * 10, rng.randint(2, 9)
-    q = f"A train travels at {a} kilometers per hour. How many kilometers does it travel in {b} hours?"
-    return q, f"{a} * {b}"
-
-
-def _buy_then_give(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b = rng.randint(10, 60), rng.randint(2, 40)
-    c = rng.randint(2, a + b - 2)
-    q = (f"{w['name']} has {a} {w['item']}, buys {b} more and then gives {c} to {w['other']}. "
-         f"How many {w['item']} does {w['name']} have now?")
-    return q, f"{a} + {b} - {c}"
-
-
-def _packs_plus(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 30)
-    q = (f"{w['name']} already has {c} {w['item']} and buys {a} {w['box']} with {b} {w['item']} in each. "
-         f"How many {w['item']} does {w['name']} have now?")
-    return q, f"{a} * {b} + {c}"
-
-
-def _wage_minus(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b = rng.randint(5, 20), rng.randint(2, 8)
-    c = rng.randint(2, a * b - 2)
-    q = (f"{w['name']} earns {a} dollars per hour and works for {b} hours. Then {w['he']} spends {c} dollars. "
-         f"How many dollars does {w['name']} have left?")
-    return q, f"{a} * {b} - {c}"
-
-
-def _split_plus(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    b, share, c = rng.randint(2, 8), rng.randint(2, 12), rng.randint(2, 20)
-    a = b * share
-    q = (f"{w['name']} splits {a} {w['item']} equally into {b} {w['box']} and then adds {c} more {w['item']} "
-         f"to one of them. How many {w['item']} are in that one?")
-    return q, f"{a} / {b} + {c}"
-
-
-def _lost_times(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a = rng.randint(8, 40)
-    b, c = rng.randint(2, a - 3), rng.randint(2, 5)
-    q = (f"{w['name']} had {a} {w['item']} and lost {b} of them. {w['other']} has {c} times as many "
-         f"{w['item']} as {w['name']} has now. How many {w['item']} does {w['other']} have?")
-    return q, f"({a} - {b}) * {c}"
-
-
-def _two_days(rng: random.Random, w: dict[str, str]) -> tuple[str, str]:
-    a, b, c = rng.randint(10, 50), rng.randint(10, 50), rng.randint(2, 30)
-    q = (f"{w['name']} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {w['he']} reads "
-         f"{c} pages. How many pages does {w['name']} read in the three days?")
-    return q, f"{a} + {b} + {c}"
-
-
+# Each draw keeps every intermediate and final value a positive integer, and divisions exact (module docstring).
 TEMPLATES: list[_Template] = [
-    _Template("add", 1, _add),
-    _Template("subtract", 1, _subtract),
-    _Template("multiply", 1, _multiply),
-    _Template("divide", 1, _divide),
-    _Template("age", 1, _age),
-    _Template("speed", 1, _speed),
-    _Template("buy-then-give", 2, _buy_then_give),
-    _Template("packs-plus", 2, _packs_plus),
-    _Template("wage-minus", 2, _wage_minus),
-    _Template("split-plus", 2, _split_plus),
-    _Template("lost-times", 2, _lost_times),
-    _Template("two-days", 2, _two_days),
+    _Template("add", 1, lambda r: {"a": r.randint(10, 99), "b": r.randint(2, 60)},
+              "{name} has {a} {item}. {other} gives {him} {b} more. How many {item} does {name} have now?",
+              "{a} + {b}"),
+    _Template("subtract", 1, lambda r: {"a": (a := r.randint(20, 99)), "b": r.randint(2, a - 2)},
+              "{name} has {a} {item} and gives {b} of them to {other}. How many {item} does {name} have left?",
+              "{a} - {b}"),
+    _Template("multiply", 1, lambda r: {"a": r.randint(2, 12), "b": r.randint(2, 12)},
+              "{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. "
+              "How many {item} does {name} buy in total?",
+              "{a} * {b}"),
+    _Template("divide", 1, lambda r: {"b": (b := r.randint(2, 9)), "a": b * r.randint(2, 12)},
+              "{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?",
+              "{a} / {b}"),
+    _Template("age", 1, lambda r: {"a": (a := r.randint(15, 80)), "b": r.randint(2, a - 5)},
+              "{name} is {a} years old. {other} is {b} years younger. How old is {other}?",
+              "{a} - {b}"),
+    _Template("speed", 1, lambda r: {"a": r.randint(2, 9) * 10, "b": r.randint(2, 9)},
+              "A train travels at {a} kilometers per hour. How many kilometers does it travel in {b} hours?",
+              "{a} * {b}"),
+    _Template("buy-then-give", 2,
+              lambda r: {"a": (a := r.randint(10, 60)), "b": (b := r.randint(2, 40)), "c": r.randint(2, a + b - 2)},
+              "{name} has {a} {item}, buys {b} more and then gives {c} to {other}. "
+              "How many {item} does {name} have now?",
+              "{a} + {b} - {c}"),
+    _Template("packs-plus", 2, lambda r: {"a": r.randint(2, 9), "b": r.randint(2, 12), "c": r.randint(2, 30)},
+              "{name} already has {c} {item} and buys {a} {box} with {b} {item} in each. "
+              "How many {item} does {name} have now?",
+              "{a} * {b} + {c}"),
+    _Template("wage-minus", 2,
+              lambda r: {"a": (a := r.randint(5, 20)), "b": (b := r.randint(2, 8)), "c": r.randint(2, a * b - 2)},
+              "{name} earns {a} dollars per hour and works for {b} hours. Then {he} spends {c} dollars. "
+              "How many dollars does {name} have left?",
+              "{a} * {b} - {c}"),
+    _Template("split-plus", 2,
+              lambda r: {"b": (b := r.randint(2, 8)), "a": b * r.randint(2, 12), "c": r.randint(2, 20)},
+              "{name} splits {a} {item} equally into {b} {box} and then adds {c} more {item} to one of them. "
+              "How many {item} are in that one?",
+              "{a} / {b} + {c}"),
+    _Template("lost-times", 2,
+              lambda r: {"a": (a := r.randint(8, 40)), "b": r.randint(2, a - 3), "c": r.randint(2, 5)},
+              "{name} had {a} {item} and lost {b} of them. {other} has {c} times as many {item} as {name} has now. "
+              "How many {item} does {other} have?",
+              "({a} - {b}) * {c}"),
+    _Template("two-days", 2, lambda r: {"a": r.randint(10, 50), "b": r.randint(10, 50), "c": r.randint(2, 30)},
+              "{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {he} reads {c} pages. "
+              "How many pages does {name} read in the three days?",
+              "{a} + {b} + {c}"),
 ]
 
 _TOKEN = re.compile(r"\s*(\d+|[-+*/()])")

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from PIL import Image
 
 from tokentrail.atomic import atomic_write_bytes
 from tokentrail.viz import FigureMeta, category_styles, display_labels, final_layer_index
+from tokentrail.viz.static.prompt_lines import category_legend, variance_label
 from tokentrail.viz.static.style import figure_style, mpl_text
 
 __all__ = ["MAX_FPS", "frame_duration_ms", "trajectory_gif"]
@@ -62,8 +62,8 @@ def _render_frames(result: Any, meta: FigureMeta) -> list[np.ndarray]:
         y_lo, y_hi = _limits(proj[:, :, 1])
         ax.set_xlim(x_lo, x_hi + 0.04 * (x_hi - x_lo))  # room for the end labels
         ax.set_ylim(y_lo, y_hi)
-        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)" if ratio.size > 0 else "PC1")
-        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)" if ratio.size > 1 else "PC2")
+        ax.set_xlabel(variance_label("PC", ratio, 0))
+        ax.set_ylabel(variance_label("PC", ratio, 1))
         title = f"{meta.model_name}: thought evolution" if meta.model_name else "thought evolution"
         ax.set_title(mpl_text(title), loc="left")
 
@@ -97,24 +97,7 @@ def _render_frames(result: Any, meta: FigureMeta) -> list[np.ndarray]:
         finals = [
             ax.plot([], [], color=styles[c].color, linestyle=":", linewidth=1.2)[0] for c in meta.categories
         ]
-        ax.legend(
-            handles=[
-                Line2D(
-                    [],
-                    [],
-                    color=s.color,
-                    linestyle=s.linestyle,
-                    marker=s.marker,
-                    linewidth=2,
-                    label=mpl_text(c),
-                )
-                for c, s in styles.items()
-            ],
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
-            borderaxespad=0.0,
-            title="category",
-        )
+        category_legend(ax, meta, styles, bbox_to_anchor=(1.02, 1.0))
         counter = fig.text(
             0.77, 0.10, "", fontsize=15, fontweight="bold", ha="left", va="bottom", family="monospace"
         )

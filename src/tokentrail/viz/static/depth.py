@@ -8,18 +8,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from tokentrail.viz import FigureMeta, category_styles, display_labels
+from tokentrail.viz import FigureMeta
+from tokentrail.viz.static import prompt_lines as lines
 from tokentrail.viz.static.labels import EndLabel, place_end_labels
-from tokentrail.viz.static.prompt_lines import (
-    bifurcation_key,
-    bifurcation_marker,
-    bifurcation_points,
-    category_legend,
-    end_marker,
-    line_width,
-    variance_label,
-)
-from tokentrail.viz.static.style import figure_style, figure_title, save_drawn
+from tokentrail.viz.static.style import figure_title, save_drawn
 
 __all__ = ["draw_depth", "plot_depth"]
 
@@ -31,44 +23,29 @@ def draw_depth(result: Any, meta: FigureMeta, component: int = 0) -> Figure:
         raise ValueError(f"component {component} not in the depth projection (it has {depth.shape[-1]})")
     n_prompts, n_layers = depth.shape[0], depth.shape[1]
     xs = np.arange(n_layers)
-    styles = category_styles(meta.categories)
-    names = display_labels(meta)
-    lw = line_width(n_prompts)
-    with figure_style():
-        fig = Figure(figsize=(11, 6.5))
-        ax = fig.subplots()
+    with lines.prompt_lines_figure(meta, n_prompts, (11, 6.5)) as (fig, ax, styles, names, lw):
         end_labels: list[EndLabel] = []
-        for i in range(n_prompts):
-            s = styles[meta.categories[i]]
+        for i, category in enumerate(meta.categories[:n_prompts]):
             ys = depth[i, :, component]
-            ax.plot(
-                xs,
-                ys,
-                color=s.color,
-                linestyle=s.linestyle,
-                linewidth=lw,
-                alpha=0.85,
-                gid=f"trajectory-{i}",
-                zorder=2,
-            )
-            end_labels.append(end_marker(ax, i, float(xs[-1]), float(ys[-1]), s, names[i], size=7))
+            lines.prompt_line(ax, i, xs, ys, styles[category], lw)
+            end_labels.append(lines.end_marker(ax, i, float(xs[-1]), float(ys[-1]), styles[category], names[i], size=7))
         bif_count = 0
-        for i, b in bifurcation_points(result):
+        for i, b in lines.bifurcation_points(result):
             if 0 <= b < n_layers and i < n_prompts:
-                bifurcation_marker(ax, i, b, depth[i, b, component], size=7, edge_width=1.1)
+                lines.bifurcation_marker(ax, i, b, depth[i, b, component], size=7, edge_width=1.1)
                 bif_count += 1
         ax.axhline(0.0, color="0.5", linewidth=0.8, zorder=1)
         ax.set_xlim(-0.3, n_layers - 1 + max(1.0, 0.06 * n_layers))
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_ylabel(
-            variance_label("depth PC", result.depth_explained_variance_ratio, component)
+            lines.variance_label("depth PC", result.depth_explained_variance_ratio, component)
             + "\nof the RMS-normalised, per-layer-centred state"
         )
         ax.set_title(figure_title(meta, f"depth view: component {component + 1} layer by layer"), loc="left")
-        ax.add_artist(category_legend(ax, meta, styles))
+        ax.add_artist(lines.category_legend(ax, meta, styles))
         if bif_count:
             ax.legend(
-                handles=[bifurcation_key()],
+                handles=[lines.bifurcation_key()],
                 loc="lower left",
                 bbox_to_anchor=(1.01, 0.0),
                 borderaxespad=0.0,

@@ -3,15 +3,18 @@ bifurcation markers, the category legend and variance axis labels."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from tokentrail.viz import CategoryStyle, FigureMeta
+from tokentrail.viz import CategoryStyle, FigureMeta, category_styles, display_labels
 from tokentrail.viz.static.labels import EndLabel
-from tokentrail.viz.static.style import mpl_text
+from tokentrail.viz.static.style import figure_style, mpl_text
 
 __all__ = [
     "bifurcation_key",
@@ -20,6 +23,8 @@ __all__ = [
     "category_legend",
     "end_marker",
     "line_width",
+    "prompt_line",
+    "prompt_lines_figure",
     "variance_label",
 ]
 
@@ -55,6 +60,24 @@ def category_legend(ax: Axes, meta: FigureMeta, styles: dict[str, CategoryStyle]
 
 def line_width(n_prompts: int) -> float:
     return 1.8 if n_prompts <= 15 else 1.4 if n_prompts <= 40 else 1.1
+
+
+@contextmanager
+def prompt_lines_figure(
+    meta: FigureMeta, n_prompts: int, size: tuple[float, float]
+) -> Iterator[tuple[Figure, Axes, dict[str, CategoryStyle], list[str], float]]:
+    """A one-line-per-prompt figure under the house style: the figure, its axes, each category's style, each
+    prompt's display label and the line width for this many prompts."""
+    with figure_style():
+        fig = Figure(figsize=size)
+        yield fig, fig.subplots(), category_styles(meta.categories), display_labels(meta), line_width(n_prompts)
+
+
+def prompt_line(ax: Axes, i: int, xs: Any, ys: Any, style: CategoryStyle, width: float, **extra: Any) -> None:
+    """Prompt `i`'s line, drawn the same way in every one-line-per-prompt figure; its SVG id `trajectory-i` is
+    what the report's hover and the figure tests find it by."""
+    ax.plot(xs, ys, color=style.color, linestyle=style.linestyle, linewidth=width, alpha=0.85,
+            gid=f"trajectory-{i}", zorder=2, **extra)
 
 
 def bifurcation_points(result: Any) -> list[tuple[int, int]]:

@@ -9,18 +9,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from tokentrail.viz import FigureMeta, category_styles, display_labels, final_layer_index
+from tokentrail.viz import FigureMeta, final_layer_index
+from tokentrail.viz.static import prompt_lines as lines
 from tokentrail.viz.static.labels import EndLabel, place_end_labels
-from tokentrail.viz.static.prompt_lines import (
-    bifurcation_key,
-    bifurcation_marker,
-    bifurcation_points,
-    category_legend,
-    end_marker,
-    line_width,
-    variance_label,
-)
-from tokentrail.viz.static.style import figure_style, figure_title, save_drawn
+from tokentrail.viz.static.style import figure_title, save_drawn
 
 __all__ = ["draw_trajectories", "plot_trajectories"]
 
@@ -38,29 +30,12 @@ def draw_trajectories(
     final = final_layer_index(result)
     has_final = bool(len(layers) > 1 and layers[-1] == final)
     n_raw = len(layers) - 1 if has_final else len(layers)
-    styles = category_styles(meta.categories)
-    names = display_labels(meta)
-    lw = line_width(n_prompts)
-
-    with figure_style():
-        fig = Figure(figsize=(11, 8.5))
-        ax = fig.subplots()
+    with lines.prompt_lines_figure(meta, n_prompts, (11, 8.5)) as (fig, ax, styles, names, lw):
         end_labels: list[EndLabel] = []
         for i in range(n_prompts):
             s = styles[meta.categories[i]]
             x, y = proj[i, :, 0], proj[i, :, 1]
-            ax.plot(
-                x[:n_raw],
-                y[:n_raw],
-                color=s.color,
-                linestyle=s.linestyle,
-                linewidth=lw,
-                alpha=0.85,
-                marker="." if layer_ticks else None,
-                markersize=3.5,
-                gid=f"trajectory-{i}",
-                zorder=2,
-            )
+            lines.prompt_line(ax, i, x[:n_raw], y[:n_raw], s, lw, marker="." if layer_ticks else None, markersize=3.5)
             if has_final:
                 # The final RMS norm rescales the state, so that jump is drawn apart rather than as a layer.
                 ax.plot(
@@ -84,7 +59,7 @@ def draw_trajectories(
                 gid=f"start-{i}",
                 zorder=3,
             )
-            end_labels.append(end_marker(ax, i, float(x[-1]), float(y[-1]), s, names[i], size=7.5))
+            end_labels.append(lines.end_marker(ax, i, float(x[-1]), float(y[-1]), s, names[i], size=7.5))
 
         if layer_ticks and n_prompts:
             # Numbering every line would bury the plot; one reference line per category is enough to read
@@ -106,19 +81,19 @@ def draw_trajectories(
         bif_count = 0
         if show_bifurcations:
             position = {int(layer): j for j, layer in enumerate(layers)}
-            for i, b in bifurcation_points(result):
+            for i, b in lines.bifurcation_points(result):
                 j = position.get(b)
                 if j is None or i >= n_prompts:
                     continue
-                bifurcation_marker(ax, i, proj[i, j, 0], proj[i, j, 1], size=8, edge_width=1.2)
+                lines.bifurcation_marker(ax, i, proj[i, j, 0], proj[i, j, 1], size=8, edge_width=1.2)
                 bif_count += 1
 
         ax.margins(x=0.06, y=0.05)
-        ax.set_xlabel(variance_label("PC", result.explained_variance_ratio, 0))
-        ax.set_ylabel(variance_label("PC", result.explained_variance_ratio, 1))
+        ax.set_xlabel(lines.variance_label("PC", result.explained_variance_ratio, 0))
+        ax.set_ylabel(lines.variance_label("PC", result.explained_variance_ratio, 1))
         n_layers = final - 1
         ax.set_title(figure_title(meta, f"last-token trajectories through {n_layers} layers"), loc="left")
-        cat_legend = category_legend(ax, meta, styles)
+        cat_legend = lines.category_legend(ax, meta, styles)
         ax.add_artist(cat_legend)
         keys = [
             Line2D(
@@ -135,7 +110,7 @@ def draw_trajectories(
         if has_final:
             keys.append(Line2D([], [], color="0.3", linestyle=":", label="final RMS norm step"))
         if bif_count:
-            keys.append(bifurcation_key())
+            keys.append(lines.bifurcation_key())
         key_legend = ax.legend(
             handles=keys, loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0.0, title="markers"
         )
