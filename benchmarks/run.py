@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu", "steer")
+SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu", "steer", "explore")
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 GiB = 1 << 30
@@ -356,6 +356,79 @@ def steer(args) -> dict[str, Any]:
                     "chosen cell and 20 random directions), 200 problems each; model load and tracing included"}
 
 
+# Twenty tokens with the embedded model's tokenizer (the response's token count is recorded to show it).
+EXPLORE_PROMPT = 'def mean(values): """Return the arithmetic mean of the numbers.""" return sum(values) /'
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return time.perf_counter() - started, answer
+
+
+def explore(args) -> dict[str, Any]:
+    """`tokentrail explore` on a seed-spectrum run of the embedded model, through its HTTP API as the page uses
+    it: a 20-token prompt submitted -> its placed trajectory back (the page then draws it), and one steering
+    comparison. Timed by the client, so HTTP and JSON are included; the server is a separate process."""
+    import socket
+    import urllib.request
+
+    entry = "import sys; from tokentrail.cli import main; sys.exit(main(sys.argv[1:]))"
+    with tempfile.TemporaryDirectory(prefix="tokentrail-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        log("explore: tracing seed-spectrum into a run")
+        subprocess.run([sys.executable, "-c", entry, "trace", "--preset", "seed-spectrum", "--out", str(run_dir),
+                        "--quiet"], check=True, capture_output=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        started = time.perf_counter()
+        server = subprocess.Popen([sys.executable, "-c", entry, "explore", str(run_dir), "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/api/info", timeout=5) as response:
+                        info = json.loads(response.read())
+                    if info["model_status"] != "loading":
+                        break
+                except OSError:
+                    pass
+                if time.perf_counter() - started > 300:
+                    raise RuntimeError("explore did not start")
+                time.sleep(0.1)
+            ready_s = time.perf_counter() - started
+            if info["model_status"] != "ready":
+                raise RuntimeError(f"explore is read-only: {info['model_problem']}")
+            _post(f"{base}/api/trace", {"prompt": EXPLORE_PROMPT})  # warm-up
+            times, tokens = [], 0
+            for i in range(args.repeats * 4):
+                log(f"explore: trace {i + 1}/{args.repeats * 4}")
+                seconds, answer = _post(f"{base}/api/trace", {"prompt": EXPLORE_PROMPT})
+                times.append(seconds)
+                tokens = len(answer["tokens"])
+            steer_times = []
+            for _ in range(args.repeats):
+                seconds, _answer = _post(f"{base}/api/steer", {
+                    "prompt": EXPLORE_PROMPT, "layer": 10, "alpha": 1.0, "source": "pure-code",
+                    "target": "pure-story", "max_new_tokens": 24})
+                steer_times.append(seconds)
+        finally:
+            server.send_signal(2)
+            server.wait(30)
+    return {"prompt_tokens": tokens, "trace_s": times, "median_trace_s": median(times), "worst_trace_s": max(times),
+            "steer_s": steer_times, "median_steer_s": median(steer_times), "ready_s": ready_s,
+            "note": "POST /api/trace with a 20-token prompt on a seed-spectrum run of the embedded model, timed by "
+                    "an HTTP client (trace, placement, projection, JSON both ways); steer: 24 new tokens greedy, "
+                    "with and without steering, and both trajectories; ready: process start to model loaded"}
+
+
 def projection(args) -> dict[str, Any]:
     log(f"projection: {args.projection_prompts} prompts x 31 x 576, streamed, fresh process")
     out = child("projection", "--prompts", str(args.projection_prompts), "--batch", str(args.projection_batch))
@@ -593,6 +666,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "tokentrail": _fmt_s(st["wall_s"]), "other": f"{st['generations']:,} generations",
                      "ratio": None, "target": "about 15 min", "met": st["wall_s"] < 20 * 60,
                      "note": f"{st['generations_per_second']:.1f} generations/s"})
+    ex = results.get("explore")
+    if ex:
+        rows.append({"figure": f"`explore`: {ex['prompt_tokens']}-token prompt -> placed trajectory (HTTP API)",
+                     "tokentrail": _fmt_ms(ex["median_trace_s"]), "other": f"worst {_fmt_ms(ex['worst_trace_s'])}",
+                     "ratio": None, "target": "<= 300 ms", "met": ex["median_trace_s"] <= 0.3,
+                     "note": f"steering comparison {_fmt_s(ex['median_steer_s'])}; server ready in "
+                             f"{_fmt_s(ex['ready_s'])}"})
     if "duration_s" in results:
         rows.append({"figure": "whole benchmark", "tokentrail": _fmt_s(results["duration_s"]), "other": "",
                      "ratio": None, "target": "< 20 min", "met": results["duration_s"] < 1200})

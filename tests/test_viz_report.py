@@ -15,7 +15,7 @@ from PIL import Image
 from tokentrail.viz import make_all_figures
 from tokentrail.viz.interactive import trajectories_figure
 from tokentrail.viz.report import build_report
-from viz_fixtures import CHROMIUM, HOSTILE, fake_meta, fake_result, load_in_chromium
+from viz_fixtures import HOSTILE, fake_meta, fake_result, load_in_chromium, needs_chromium
 
 ESCAPED_HOSTILE = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
@@ -189,7 +189,7 @@ def test_report_without_optional_analyses(tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+@needs_chromium
 def test_report_in_headless_chromium(run, tmp_path):
     shot = tmp_path / "report.png"
     hover_js = """

@@ -1,7 +1,7 @@
 """tokentrail: trace how a prompt's next-token state moves through a transformer's layers.
 
-In a notebook, `import tokentrail as tt`: `tt.load_model`, `tt.trace`, `tt.trace_run`, `tt.open_run` (see
-`tokentrail.api`).
+In a notebook, `import tokentrail as tt`: `tt.load_model`, `tt.trace`, `tt.trace_run`, `tt.open_run`,
+`tt.explore` (see `tokentrail.api`).
 Importing the package loads nothing heavy; torch comes with the first model.
 """
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from tokentrail._version import __version__
 
-_API = ("load_model", "trace", "trace_run", "open_run", "Run")
+_API = ("load_model", "trace", "trace_run", "open_run", "explore", "Run")
 _CORE = ("Trace", "TraceOptions")
-__all__ = ["Run", "Trace", "TraceOptions", "__version__", "load_model", "open_run", "trace", "trace_run"]
+__all__ = ["Run", "Trace", "TraceOptions", "__version__", "explore", "load_model", "open_run", "trace", "trace_run"]
 
 
 def __getattr__(name: str) -> Any:

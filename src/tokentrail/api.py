@@ -26,6 +26,7 @@ from tokentrail.prompts import PromptSet, load_prompt_file, prompt_set_from_data
 
 if TYPE_CHECKING:
     from tokentrail.analysis.pipeline import AnalysisResult
+    from tokentrail.explore import ExploreSession
     from tokentrail.models.loading import LoadedModel
 
 
@@ -173,3 +174,15 @@ def open_run(path: str | Path) -> Run:
 
     path = Path(path)
     return Run(path=path, settings=read_run(path))
+
+
+def explore(path: str | Path, load: bool = True) -> ExploreSession:
+    """The run at `path` opened as `tokentrail explore` opens it, without a web server: `.place(prompt)` traces a
+    prompt live and places it on the run's map (`.live_json(...)` gives the API's answer), `.steer(...)`,
+    `.add(...)`, `.stored_map()`. With `load`, the run's own model is loaded first (`.model_problem` says why not)."""
+    from tokentrail.explore import ExploreSession
+
+    session = ExploreSession(path)
+    if load:
+        session.load_model()
+    return session

@@ -485,6 +485,20 @@ def steer(
         err.print(warning_text(f"report not written: {exc}"))
 
 
+@app.command(epilog="Example: `tokentrail explore tokentrail-out --open`")
+def explore(
+    run_dir: RunDirArg,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback is warned about.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8765,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+) -> None:
+    """Serve a local web page: type a prompt and watch it travel through the layers on the run's stored map."""
+    from tokentrail.explore.server import serve
+
+    serve(run_dir, host=host, port=port, open_browser=open_browser, say=out.print,
+          warn=lambda text: err.print(warning_text(text)))
+
+
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")
 def export(
     run_dir: RunDirArg,

@@ -101,10 +101,13 @@ def trace_run(
     show_progress: bool = True,
     extra_settings: dict[str, Any] | None = None,
     engine: EngineSettings = EngineSettings(),
+    loaded: LoadedModel | None = None,
 ) -> RunOutcome:
     """Trace what the run's store lacks and record how the run was made.
 
-    `model` is either settings (loaded only if something must be traced) or a model already in memory.
+    `model` is either settings (loaded only if something must be traced) or a model already in memory. With
+    settings, `loaded` may be the model those settings already loaded (`tokentrail explore` holds one), so that
+    run.json still records the settings and nothing is loaded twice.
     """
     run_dir = Path(run_dir)
     made: list[Tracer] = []  # the tracer, if a model had to be loaded: its self-check goes into run.json
@@ -124,7 +127,8 @@ def trace_run(
         def make_tracer() -> Tracer:
             from tokentrail.tracing import Tracer
 
-            tracer = Tracer(model.load(), options, batch_size=batching.batch_size, padding_side=batching.padding_side)
+            tracer = Tracer(loaded if loaded is not None else model.load(), options, batch_size=batching.batch_size,
+                            padding_side=batching.padding_side)
             made.append(tracer)
             return tracer
 

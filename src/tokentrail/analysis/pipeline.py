@@ -295,6 +295,35 @@ def projection_fit_mask(options: AnalysisOptions, categories: Sequence[str]) -> 
     return np.ones(len(labels), dtype=bool) if options.fit_on is None else np.isin(labels, list(options.fit_on))
 
 
+@dataclass(frozen=True)
+class FittedProjections:
+    """A run's two fitted projections: `trajectory` (its options' normalisation, centring and layers, `layers`
+    from `projection_layers`) and `depth` (rms, per-layer centred, every raw layer). New prompts are projected
+    into them with `trajectory.transform(self.stack(states, final_states))` and `depth.transform(states)`."""
+
+    layers: np.ndarray
+    trajectory: TrajectoryPCA
+    depth: TrajectoryPCA
+
+    def stack(self, states: np.ndarray, final_states: np.ndarray | None) -> np.ndarray:
+        return projection_stack(np.asarray(states), None if final_states is None else np.asarray(final_states),
+                                self.layers)
+
+
+def fit_projections(states: np.ndarray, final_states: np.ndarray | None, categories: Sequence[str],
+                    options: AnalysisOptions) -> FittedProjections:
+    """Fit the projections `analyze_states` draws, on the prompts `options.fit_on` names (all by default)."""
+    values, final = _check_inputs(states, final_states, [str(c) for c in categories], options.include_final)
+    layers = projection_layers(options, values.shape[1])
+    fit_mask = projection_fit_mask(options, categories)
+    return FittedProjections(
+        layers=layers,
+        trajectory=TrajectoryPCA(options.n_components, options.normalize, options.center).fit(
+            projection_stack(values, final, layers), fit_mask),
+        depth=TrajectoryPCA(options.n_components, "rms", "per-layer").fit(values, fit_mask),
+    )
+
+
 def analyze_states(
     states: np.ndarray,
     final_states: np.ndarray | None,
@@ -322,12 +351,9 @@ def analyze_states(
     n_prompts, n_layers, hidden = values.shape
     warnings: list[str] = []
 
-    layers = projection_layers(options, n_layers)
-    stack = projection_stack(values, final, layers)
-    fit_mask = projection_fit_mask(options, categories)
-    pca = TrajectoryPCA(options.n_components, options.normalize, options.center).fit(stack, fit_mask)
-    projection = pca.transform(stack)
-    depth_pca = TrajectoryPCA(options.n_components, "rms", "per-layer").fit(values, fit_mask)
+    fitted = fit_projections(values, final, categories, options)
+    layers, pca, depth_pca = fitted.layers, fitted.trajectory, fitted.depth
+    projection = pca.transform(fitted.stack(values, final))
     depth_projection = depth_pca.transform(values)
 
     try:
