@@ -54,7 +54,7 @@ bench: setup
 
 # Rebuild docs/models.md from the coverage suite's classification of every causal-LM type (about a minute).
 models-doc: setup
-	$(BIN)/python tests/coverage.py
+	$(BIN)/python tests/model_coverage.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu", "steer", "explore")
+SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu", "steer", "explore",
+            "physics")
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 GiB = 1 << 30
@@ -429,6 +430,32 @@ def explore(args) -> dict[str, Any]:
                     "with and without steering, and both trajectories; ready: process start to model loaded"}
 
 
+def physics(args) -> dict[str, Any]:
+    """`tokentrail physics` on a `--position all` seed-spectrum run of the embedded model: what each measure
+    costs (physics/summary.json records the seconds of each part), and the whole command's wall time."""
+    entry = "import sys; from tokentrail.cli import main; sys.exit(main(sys.argv[1:]))"
+    with tempfile.TemporaryDirectory(prefix="tokentrail-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        log("physics: tracing seed-spectrum with --position all")
+        subprocess.run([sys.executable, "-c", entry, "trace", "--preset", "seed-spectrum", "--position", "all",
+                        "--out", str(run_dir), "--quiet"], check=True, capture_output=True)
+        command = ["physics", str(run_dir), "--directions", "8"]
+        log("physics: " + " ".join(command))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", entry, *command], check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        summary = json.loads((run_dir / "physics" / "summary.json").read_text(encoding="utf-8"))
+    seconds = summary["seconds"]
+    prompts = summary["probed_prompts"]
+    return {"wall_s": wall, "seconds": seconds, "prompts": summary["prompts"], "probed_prompts": prompts,
+            "energy_per_prompt_s": seconds.get("energy", 0.0) / max(prompts, 1),
+            "expansion_per_prompt_s": seconds.get("expansion", 0.0) / max(prompts, 1),
+            "note": "stored-state measures (ode: steps and block linearity; geometry: TwoNN, anisotropy, effective "
+                    "rank; tokens: token clustering and token-cloud geometry) and the model probes (energy: two "
+                    "forward passes per prompt; expansion: one batch of 1 + 8 rows per prompt); wall time "
+                    "includes starting Python and loading the model"}
+
+
 def projection(args) -> dict[str, Any]:
     log(f"projection: {args.projection_prompts} prompts x 31 x 576, streamed, fresh process")
     out = child("projection", "--prompts", str(args.projection_prompts), "--batch", str(args.projection_batch))
@@ -673,6 +700,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "ratio": None, "target": "<= 300 ms", "met": ex["median_trace_s"] <= 0.3,
                      "note": f"steering comparison {_fmt_s(ex['median_steer_s'])}; server ready in "
                              f"{_fmt_s(ex['ready_s'])}"})
+    ph = results.get("physics")
+    if ph:
+        parts = ", ".join(f"{name} {_fmt_s(value)}" for name, value in ph["seconds"].items())
+        rows.append({"figure": f"`tokentrail physics` ({ph['prompts']} prompts, --position all)",
+                     "tokentrail": _fmt_s(ph["wall_s"]),
+                     "other": f"energy {_fmt_ms(ph['energy_per_prompt_s'])}/prompt, expansion "
+                              f"{_fmt_ms(ph['expansion_per_prompt_s'])}/prompt",
+                     "ratio": None, "target": "(reported)", "met": None, "note": parts})
     if "duration_s" in results:
         rows.append({"figure": "whole benchmark", "tokentrail": _fmt_s(results["duration_s"]), "other": "",
                      "ratio": None, "target": "< 20 min", "met": results["duration_s"] < 1200})

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from tokentrail import cli
 from tokentrail.analysis.separation import axis_score
-from tokentrail.analysis.similarity import cka_matrix, standardize_features
+from tokentrail.analysis.similarity import cka_matrix, mutual_knn_matrix, standardize_features
 from tokentrail.compare import CompareOptions, compare_runs, ordering_plan
 from tokentrail.errors import ModelLoadError, TokentrailError
 from tokentrail.models import from_objects
@@ -159,6 +160,7 @@ def test_runs_are_aligned_by_prompt_text_not_order(spectrum_runs, tmp_path):
     np.testing.assert_allclose(np.diag(pair["cka"]), 1.0, rtol=1e-6)
     assert all(row["depth spread"] == 0 for row in result.bifurcation)
     assert any("same weights" in warning for warning in result.warnings)
+    np.testing.assert_array_equal(np.diag(next(iter(result.mutual_knn.values()))["mutual_knn"]), 1.0)
     labels = [m["label"] for m in result.models]
     assert len(set(labels)) == 2 and all(label.startswith("tiny-llama-32x3 (") for label in labels)
 
@@ -247,6 +249,87 @@ def test_ordering_plan_for_the_seed_presets():
 def test_bad_options(spectrum_runs, tmp_path):
     with pytest.raises(TokentrailError, match="cka_permutations must be at least 1"):
         compare_runs([spectrum_runs["llama"], spectrum_runs["gpt2"]], tmp_path, CompareOptions(cka_permutations=0))
+
+
+def test_mutual_knn_tables_beside_cka(comparison, spectrum_runs):
+    """Every pair gets the mutual kNN matrix (default k = 5 of 21 prompts: chance 5/20) over the CKA grid."""
+    out = comparison.out_dir
+    pair = comparison.mutual_knn[("tiny-llama-32x3", "tiny-qwen2-48x6")]
+    assert pair["mutual_knn"].shape == (4, 7) and pair["k"] == 5 and pair["chance"] == 0.25
+    _, a = load_trace(spectrum_runs["llama"])
+    _, b = load_trace(spectrum_runs["qwen2"])
+    np.testing.assert_array_equal(pair["mutual_knn"], mutual_knn_matrix(a.states, b.states, k=5))
+    rows = read_csv(out / "tables" / "mutual_knn_tiny-llama-32x3_vs_tiny-qwen2-48x6.csv")
+    assert list(rows[0]) == ["model_a", "model_b", "layer_a", "depth_a", "layer_b", "depth_b", "mutual_knn", "chance"]
+    assert len(rows) == 4 * 7
+    assert {(r["model_a"], r["model_b"]) for r in rows} == {("tiny-llama-32x3", "tiny-qwen2-48x6")}
+    for row in rows:
+        value = float(row["mutual_knn"])
+        assert 0.0 <= value <= 1.0
+        # a count of shared neighbours over n k = 21 * 5 (the CSV keeps 4 significant digits or more)
+        assert value * 105 == pytest.approx(round(value * 105), abs=0.05)
+        assert float(row["chance"]) == 0.25
+        assert float(row["depth_a"]) == pytest.approx(int(row["layer_a"]) / 3)
+        assert float(row["depth_b"]) == pytest.approx(int(row["layer_b"]) / 6)
+    cell = next(r for r in rows if r["layer_a"] == "3" and r["layer_b"] == "6")
+    assert float(cell["mutual_knn"]) == pytest.approx(pair["mutual_knn"][3, 6], abs=1e-3)
+
+    best = read_csv(out / "tables" / "mutual_knn_tiny-llama-32x3_vs_tiny-qwen2-48x6_alignment.csv")
+    assert [int(r["layer"]) for r in best] == [0, 1, 2, 3]
+    for row, values in zip(best, pair["mutual_knn"]):
+        assert int(row["best tiny-qwen2-48x6 layer"]) == int(np.argmax(values))
+        assert float(row["mutual kNN there"]) == pytest.approx(values.max(), abs=1e-3)
+
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["options"]["mutual_knn_k"] == 5
+    assert [s["models"] for s in summary["mutual_knn"]] == [s["models"] for s in summary["cka"]]
+    first = summary["mutual_knn"][0]
+    assert first["chance k/(n-1)"] == 0.25 and first["k"] == 5 and first["n_prompts"] == 21
+    where = (first["max at tiny-llama-32x3 layer"], first["max at tiny-qwen2-48x6 layer"])
+    assert first["max mutual kNN"] == pytest.approx(pair["mutual_knn"].max())
+    assert pair["mutual_knn"][where] == pair["mutual_knn"].max()
+    for a_label, b_label in comparison.mutual_knn:
+        assert f"tables/mutual_knn_{a_label}_vs_{b_label}.csv" in summary["files"]
+    page = comparison.report.read_text(encoding="utf-8")
+    assert "Mutual 5-NN alignment: tiny-llama-32x3 vs tiny-qwen2-48x6" in page
+    assert "5/20 = 0.25" in page
+
+
+def compare_cli(capsys, argv: list[str]) -> tuple[int, list[str], list[str]]:
+    code = cli.main(["compare", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--mutual-knn-k", "0"], "error: --mutual-knn-k must be at least 1, got 0"),
+        (["--mutual-knn-k", "-3"], "error: --mutual-knn-k must be at least 1, got -3"),
+        (["--mutual-knn-k", "21"], ("error: compare option mutual_knn_k must be less than the number of prompts "
+                                    "(21, so each has 20 others), got 21")),
+        (["--knn-k", "0"], "error: compare option knn_k must be at least 1, got 0"),
+    ],
+)
+def test_cli_refuses_a_bad_k_in_one_line(spectrum_runs, tmp_path, capsys, option, message):
+    out = tmp_path / "cmp"
+    code, _, err = compare_cli(capsys, [str(spectrum_runs["llama"]), str(spectrum_runs["gpt2"]), "--out", str(out),
+                                        "--permutations", "1", "--cka-permutations", "2", *option])
+    assert code == 2
+    assert err == [message]
+    assert not out.exists()
+
+
+def test_cli_mutual_knn_k(spectrum_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, lines, _ = compare_cli(capsys, [str(spectrum_runs["llama"]), str(spectrum_runs["gpt2"]), "--out", str(out),
+                                          "--permutations", "1", "--cka-permutations", "2", "--mutual-knn-k", "3"])
+    assert code == 0 and lines[-1].startswith("report: ")
+    rows = read_csv(out / "tables" / "mutual_knn_tiny-llama-32x3_vs_tiny-gpt2-24x4.csv")
+    assert len(rows) == 4 * 5
+    assert {float(r["chance"]) for r in rows} == {3 / 20}
+    assert all(0.0 <= float(r["mutual_knn"]) <= 1.0 for r in rows)
+    assert json.loads((out / "compare.json").read_text())["mutual_knn"][0]["k"] == 3
 
 
 # --------------------------------------------------------------------------------- the second embedded model

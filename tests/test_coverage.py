@@ -1,7 +1,7 @@
 """Coverage suite: every causal-LM type in transformers is traced correctly or refused at load with a reason.
 
 Each type is built tiny (tests/zoo.py), loaded like a user's model and, when tokentrail accepts it, checked
-against an independent reference (tests/coverage.py). docs/models.md is generated from the same code and must
+against an independent reference (tests/model_coverage.py). docs/models.md is generated from the same code and must
 match what this run finds, so the page cannot drift.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from coverage import DOC, Row, classify, normalised, read_doc
+from model_coverage import DOC, Row, classify, normalised, read_doc
 from zoo import causal_lm_types
 
 TYPES = causal_lm_types()

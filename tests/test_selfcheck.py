@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from conftest import tiny_model
-from coverage import PROMPTS, _relative, reference
+from model_coverage import PROMPTS, _relative, reference
 from tokentrail.errors import ArchitectureError, TokentrailError
 from tokentrail.models import from_objects, parts
 from tokentrail.tracing import TraceOptions, Tracer

@@ -151,6 +151,13 @@ class Run:
 
         return report_run(self.path, fps=fps)
 
+    def physics(self, **options: Any) -> dict[str, Any]:
+        """Run `tokentrail physics` on this run (options: those of `tokentrail.physics.PhysicsOptions`, e.g.
+        `threshold=0.9, energy=False`); writes RUN_DIR/physics/ and returns its summary."""
+        from tokentrail.physics import PhysicsOptions, physics_run
+
+        return physics_run(self.path, PhysicsOptions(**options))
+
 
 def trace_run(out_dir: str | Path, prompts: Any, model: LoadedModel | str = "default", *, position: str | int = "last",
               top_k: int = 5, logit_lens: bool = True, chat: bool = False, truncate: bool = False,

@@ -398,6 +398,9 @@ def compare(
     cka_standardize: Annotated[bool, typer.Option(help="Scale every hidden unit to unit variance before CKA.")] = False,
     sustain: Annotated[int, typer.Option(help="Layers a prompt must stay outside its category.")] = 2,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours for kNN accuracy.")] = 3,
+    mutual_knn_k: Annotated[int, typer.Option(
+        "--mutual-knn-k", help="Neighbours per prompt for the mutual kNN alignment beside CKA (less than the prompts; "
+                               "chance is k/(prompts-1)).")] = 5,
     top: Annotated[int, typer.Option(help="How many prompts with the most different bifurcations to list.")] = 10,
     axis: Annotated[list[str] | None, typer.Option("--axis", help="NATURAL,FORMAL categories (repeatable).")] = None,
     middle: Annotated[str | None, typer.Option("--middle", help="Category expected between the axis ends.")] = None,
@@ -409,6 +412,8 @@ def compare(
         raise TokentrailError("compare needs at least two run directories")
     _permutations(permutations)
     _permutations(cka_permutations, "--cka-permutations")
+    if mutual_knn_k < 1:
+        raise TokentrailError(f"--mutual-knn-k must be at least 1, got {mutual_knn_k}")
     _out_dir(out_dir)
     axes = None
     if axis:
@@ -420,7 +425,7 @@ def compare(
             axes.append((parts[0], parts[1]))
     result = compare_runs(run_dirs, out_dir, CompareOptions(
         sustain=sustain, knn_k=knn_k, permutations=permutations, cka_permutations=cka_permutations,
-        cka_standardize=cka_standardize, top_prompts=top, axes=axes, middle=middle))
+        cka_standardize=cka_standardize, mutual_knn_k=mutual_knn_k, top_prompts=top, axes=axes, middle=middle))
     for warning in result.warnings:
         err.print(warning_text(warning))
     for sentence in verdict_sentences([v for v in result.ordering_verdicts if v["at"] == "last layer"]):
@@ -497,6 +502,32 @@ def explore(
 
     serve(run_dir, host=host, port=port, open_browser=open_browser, say=out.print,
           warn=lambda text: err.print(warning_text(text)))
+
+
+@app.command(epilog="Example: `tokentrail physics runs/spectrum-all` (a run traced with --position all)")
+def physics(
+    run_dir: RunDirArg,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at which two tokens count as one cluster.")] = 0.9,
+    min_plateau: Annotated[int, typer.Option("--min-plateau", help="Layers a clustering plateau must last.")] = 3,
+    energy: Annotated[bool, typer.Option("--energy/--no-energy", help="Attention energy (forward passes of the run's model).")] = True,
+    expansion: Annotated[bool, typer.Option("--expansion/--no-expansion", help="Growth of a perturbed embedding (forward passes).")] = True,
+    directions: Annotated[int, typer.Option(help="Random perturbation directions per prompt.")] = 8,
+    epsilon: Annotated[float, typer.Option(help="Perturbation size relative to the embedding's norm.")] = 1e-3,
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="Run the model probes on the first N prompts only.")] = None,
+) -> None:
+    """The seed's physics as numbers: attention energy, token clustering, the residual stream as an ODE, geometry."""
+    from tokentrail.physics import PhysicsOptions, physics_run
+    from tokentrail.runs import read_run
+
+    read_run(run_dir)  # a directory that is not a run is refused as such, before any option
+    options = PhysicsOptions(threshold=threshold, min_plateau=min_plateau, energy=energy, expansion=expansion,
+                             directions=directions, epsilon=epsilon, max_prompts=max_prompts)
+    options.check()
+    summary = physics_run(run_dir, options)
+    for note in summary["notes"]:
+        err.print(warning_text(note))
+    out.print(summary["text"])
+    out.print(f"tables: {Path(run_dir) / 'physics'}  figures: {Path(run_dir) / 'figures'} (physics_*)")
 
 
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")

@@ -80,6 +80,14 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """`rows` as one CSV table (the columns: every key, in first-seen order; cells by `format_cell`), written
+    whole or not at all."""
+    header = list(dict.fromkeys(key for row in rows for key in row))
+    atomic_write_bytes(Path(path), _csv_bytes(header, ([row.get(key) for key in header] for row in rows)))
+    return Path(path)
+
+
 def _layer_table(
     prompt_ids: Sequence[str], categories: Sequence[str], layers: Sequence[int], values: np.ndarray, prefix: str
 ) -> tuple[list[str], list[list[Any]]]:

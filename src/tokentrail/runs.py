@@ -347,6 +347,26 @@ def _self_check_summary(report: dict[str, Any] | None) -> str:
 
 
 
+def run_model_settings(run: dict[str, Any]) -> ModelSettings:
+    """The settings the run's model was loaded with (run.json), refused for a run traced from a model in memory."""
+    model = dict(run.get("model") or {})
+    if model.get("in_memory"):
+        raise TokentrailError("this run was traced with a model held in memory (tt.trace_run with a loaded model), "
+                              "so there are no settings to load it from")
+    known = set(ModelSettings.__dataclass_fields__)
+    return ModelSettings(**{key: value for key, value in model.items() if key in known})
+
+
+def load_run_model(run_dir: Path, run: dict[str, Any] | None = None) -> tuple[ModelSettings, LoadedModel]:
+    """Load the run's own model with its settings and prove it is the model its store was traced with (the
+    store's rule: weights, dtype, config and tokenizer), or refuse with one line."""
+    run = run if run is not None else read_run(run_dir)
+    settings = run_model_settings(run)
+    loaded = settings.load()
+    TraceStore.open(Path(run_dir) / "store", model=loaded.fingerprint, options=run["trace_options"])
+    return settings, loaded
+
+
 # --- analysis, figures, report: all from the store, no model -------------------------------------------------
 def analysis_options(run: dict[str, Any], **overrides: Any):
     """The run's saved analysis options with the given ones (those not None) on top."""
@@ -484,6 +504,20 @@ def _steer_section(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _physics_section(run_dir: Path) -> dict[str, Any]:
+    """The report's physics section, from what `tokentrail physics` wrote."""
+    summary = json.loads((run_dir / "physics" / "summary.json").read_text(encoding="utf-8"))
+    figures = [run_dir / path for paths in summary.get("figures", {}).values() for path in paths
+               if path.endswith(".png")]
+    notes = " ".join(f"({note})" for note in summary.get("notes", []))
+    return {
+        "title": "Physics of the residual stream",
+        "text": f"{summary.get('text', '')} {notes}".strip(),
+        "figures": figures,
+        "tables": {"by layer (physics/layers.csv)": _csv_rows(run_dir / "physics" / "layers.csv")},
+    }
+
+
 def report_run(run_dir: Path, fps: float = 4, computed=None) -> Path:
     """Figures, the tables `analyze` wrote and any steering results, on one offline page. `computed` is what
     `compute_analysis` returned with the run's saved options, when the caller already has it."""
@@ -511,6 +545,8 @@ def report_run(run_dir: Path, fps: float = 4, computed=None) -> Path:
     extra = []
     if (run_dir / "steer" / "summary.json").exists():
         extra.append(_steer_section(run_dir))
+    if (run_dir / "physics" / "summary.json").exists():
+        extra.append(_physics_section(run_dir))
     info = {
         "model": run["model"]["fingerprint"]["name"],
         "weights sha256": run["model"]["fingerprint"]["weights_sha256"],

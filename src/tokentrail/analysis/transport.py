@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tokentrail.analysis.arrays import checked
+
 # POT imports every array library it finds (torch first) to offer it as a backend, which would make reading a
 # run pay for torch. These functions pass numpy arrays only, so a backend whose library is not imported yet is
 # left out; one already imported costs nothing and stays available to the caller.
@@ -32,12 +34,7 @@ def _ot() -> Any:
 
 
 def _check_tokens(token_states: np.ndarray) -> np.ndarray:
-    values = np.asarray(token_states, dtype=np.float64)
-    if values.ndim != 3:
-        raise ValueError(f"token states must be [tokens, layers, hidden], got shape {values.shape}")
-    if values.shape[0] < 1:
-        raise ValueError("token states hold no tokens")
-    return values
+    return checked(token_states, "[tokens, layers, hidden]", "token states")
 
 
 def wasserstein_by_layer(token_states: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ Models differ in depth and width, so everything here is put on a shared footing 
 * representations are compared through linear CKA (`tokentrail.analysis.similarity`), which works on the
   prompts' Gram matrices and so needs no shared hidden size; every CKA matrix comes with a permutation null
   (prompts shuffled on one side), because with ~20 prompts and hundreds of units unrelated representations
-  already score well above 0;
+  already score well above 0; beside it, mutual k-nearest-neighbour alignment (the share of each prompt's k
+  nearest prompts that both models agree on, with its chance level k/(n-1)), which that bias does not inflate;
 * every run is analysed with the same options (kNN k, permutations, seed, sustain), so separation and
   bifurcation numbers differ only because the models do. Only the analyses the comparison needs are run
   (not the projections), straight from each run's store.

@@ -16,6 +16,9 @@ class CompareOptions:
     bifurcation rows go into the report (the CSV has all); `axes` overrides the natural-vs-formal axes as
     (natural, formal) pairs and `middle` the category expected between the ends. `cka_standardize` z-scores
     every hidden unit across the prompts before CKA, so that a few massive-activation units cannot dominate it.
+    `mutual_knn_k` is the k of the mutual k-nearest-neighbour alignment computed beside CKA for every pair of
+    models (on the same states, standardised with `cka_standardize`); it must be less than the number of
+    prompts. It is not `knn_k`, which is the k of each run's kNN classification accuracy.
     """
 
     sustain: int = 2
@@ -23,6 +26,7 @@ class CompareOptions:
     permutations: int = 200
     cka_permutations: int = 200
     cka_standardize: bool = False
+    mutual_knn_k: int = 5
     top_prompts: int = 10
     axes: list[tuple[str, str]] | None = None
     middle: str | None = None

@@ -6,27 +6,25 @@ The report's drawing code is imported inside `write_report`, so importing the co
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokentrail.atomic import atomic_write_bytes
 from tokentrail.compare.alignment import ModelRun
 from tokentrail.compare.options import CompareOptions
 from tokentrail.compare.ordering import verdict_sentences
-from tokentrail.metrics import format_cell
 
-__all__ = ["ComparisonResult", "model_rows", "slug", "write_csv", "write_report"]
+__all__ = ["ComparisonResult", "model_rows", "slug", "write_report"]
 
 
 @dataclass
 class ComparisonResult:
     """Everything `compare_runs` computed and wrote; `cka` is keyed by (label of A, label of B) and holds the
-    matrices (`cka`, `debiased`, `null_mean`, `null_p95`, `p_value`), `alignment` rows and a `summary`."""
+    matrices (`cka`, `debiased`, `null_mean`, `null_p95`, `p_value`), `alignment` rows and a `summary`;
+    `mutual_knn`, keyed alike, holds the mutual kNN matrix (`mutual_knn`), its `chance` level, `k`, the best
+    match per layer (`alignment`) and a `summary`."""
 
     out_dir: Path
     models: list[dict[str, Any]]
@@ -39,23 +37,12 @@ class ComparisonResult:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, list[Path]] = field(default_factory=dict)
     report: Path | None = None
+    mutual_knn: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 def slug(text: str) -> str:
     """A model label as a file-name part."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Rows as one CSV table (the columns are every key, in first-seen order), written atomically."""
-    header = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([format_cell(row.get(key)) for key in header])
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
-    return path
 
 
 def model_rows(runs: Sequence[ModelRun]) -> list[dict[str, Any]]:
@@ -75,7 +62,8 @@ def model_rows(runs: Sequence[ModelRun]) -> list[dict[str, Any]]:
 def write_report(out_dir: Path, runs: Sequence[ModelRun], comparison: ComparisonResult,
                  separation_summary: list[dict[str, Any]], ordering_means: list[dict[str, Any]],
                  options: CompareOptions) -> Path:
-    """OUT/report.html: the runs, separation, CKA per pair, bifurcations and ordering, with their figures."""
+    """OUT/report.html: the runs, separation, CKA and mutual kNN per pair, bifurcations and ordering, with their
+    figures."""
     from tokentrail.viz import FigureMeta
     from tokentrail.viz.report import build_report
 
@@ -125,6 +113,9 @@ def write_report(out_dir: Path, runs: Sequence[ModelRun], comparison: Comparison
             "figures": [p for p in files.get(f"cka {label_a} {label_b}", []) if p.suffix == ".png"],
             "tables": {"summary": [s], "best match by layer": pair["alignment"]},
         })
+        knn = comparison.mutual_knn.get((label_a, label_b))
+        if knn is not None:
+            sections.append(_mutual_knn_section(label_a, label_b, knn))
     top = comparison.bifurcation[: options.top_prompts]
     sections.append({
         "title": "Bifurcations that differ most",
@@ -155,3 +146,28 @@ def write_report(out_dir: Path, runs: Sequence[ModelRun], comparison: Comparison
         "generated": comparison.summary.get("generated"),
     }
     return build_report(out_dir, info, None, meta, {}, extra_sections=sections)
+
+
+def _mutual_knn_section(label_a: str, label_b: str, pair: dict[str, Any]) -> dict[str, Any]:
+    """The report section of one pair's mutual kNN alignment: what it measures, its chance level, the maximum."""
+    s = pair["summary"]
+    if s["max mutual kNN"] is None:
+        where = "no layer of either model has neighbour structure (all prompts' states point one way)"
+    else:
+        where = (f"the highest is {s['max mutual kNN']:.2f}, between {label_a} layer {s[f'max at {label_a} layer']} "
+                 f"and {label_b} layer {s[f'max at {label_b} layer']}; at matched depth the mean is "
+                 f"{s['mean mutual kNN at matched depth']:.2f}, above chance at "
+                 f"{s['matched-depth layers above chance']} of {s['matched-depth layers']} layers")
+    return {
+        "title": f"Mutual {s['k']}-NN alignment: {label_a} vs {label_b}",
+        "text": (
+            f"For each prompt, its {s['k']} nearest other prompts by cosine distance in a layer of {label_a} and "
+            f"in a layer of {label_b} ({s['features']} hidden units); the alignment is the mean share of those "
+            f"neighbours the two models have in common (1: the same neighbours for every prompt). Unrelated "
+            f"neighbour sets share k/(n-1) = {s['k']}/{s['n_prompts'] - 1} = {s['chance k/(n-1)']:.2f} on average "
+            f"(the chance level, whatever the hidden sizes: unlike plain CKA's baseline it does not rise with "
+            f"the number of hidden units); with {s['n_prompts']} prompts values near it are noise. Here {where}. "
+            f"Every cell is in tables/mutual_knn_*.csv."
+        ),
+        "tables": {"summary": [s], "best match by layer": pair["alignment"]},
+    }

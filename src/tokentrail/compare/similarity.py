@@ -1,7 +1,8 @@
 """Linear CKA applied to runs: every layer of one model against every layer of another, with the permutation
 null, the debiased estimator and the best match per layer (`tokentrail.analysis.similarity` does the
-arithmetic); and the share of the prompts' variance the largest hidden dimensions carry, which says where CKA
-mostly compares one dimension."""
+arithmetic); mutual k-nearest-neighbour alignment over the same layer grid, beside its chance level k / (n - 1);
+and the share of the prompts' variance the largest hidden dimensions carry, which says where CKA mostly
+compares one dimension."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from tokentrail.analysis.similarity import cka_matrix, cka_permutation_null, standardize_features
+from tokentrail.analysis.similarity import (
+    cka_matrix,
+    cka_permutation_null,
+    mutual_knn_chance,
+    mutual_knn_matrix,
+    standardize_features,
+)
 from tokentrail.compare.alignment import ModelRun, matched_layer
 
-__all__ = ["cka_pair", "cka_rows", "dominant_dimensions"]
+__all__ = ["cka_pair", "cka_rows", "dominant_dimensions", "mutual_knn_pair", "mutual_knn_rows"]
 
 
 def cka_pair(a: ModelRun, b: ModelRun, n_permutations: int, seed: int, standardize: bool) -> dict[str, Any]:
@@ -71,6 +78,63 @@ def cka_rows(a: ModelRun, b: ModelRun, pair: dict[str, Any]) -> list[dict[str, A
                 "cka": pair["cka"][i, j], "cka_debiased": pair["debiased"][i, j],
                 "null_mean": pair["null_mean"][i, j], "null_p95": pair["null_p95"][i, j],
                 "p_value": pair["p_value"][i, j],
+            })
+    return rows
+
+
+def mutual_knn_pair(a: ModelRun, b: ModelRun, k: int, standardize: bool) -> dict[str, Any]:
+    """Mutual k-NN alignment of every layer of `a` with every layer of `b`, the best match per layer of `a`,
+    and a summary; on the same states as `cka_pair` (standardised units if `standardize`)."""
+    states_a, states_b = a.states, b.states
+    if standardize:
+        states_a, states_b = standardize_features(states_a), standardize_features(states_b)
+    n = int(states_a.shape[0])
+    matrix = mutual_knn_matrix(states_a, states_b, k=k)
+    chance = mutual_knn_chance(n, k)
+    diagonal = [(i, matched_layer(i, a.n_layers, b.n_layers)) for i in range(a.n_layers + 1)]
+    # nan cells (a layer without neighbour structure) never win; the earliest layer of b wins a tie.
+    filled = np.where(np.isnan(matrix), -np.inf, matrix)
+    best_b = np.argmax(filled, axis=1)
+    alignment = [
+        {"layer": i, "depth": i / a.n_layers, f"best {b.label} layer": int(best_b[i]),
+         f"best {b.label} depth": int(best_b[i]) / b.n_layers, "mutual kNN there": float(matrix[i, best_b[i]]),
+         f"{b.label} layer at same depth": j, "mutual kNN at same depth": float(matrix[i, j]), "chance": chance}
+        for i, j in diagonal
+    ]
+    usable = not np.all(np.isnan(matrix))
+    top_a, top_b = np.unravel_index(np.argmax(filled), matrix.shape) if usable else (None, None)
+    diag_values = np.array([matrix[i, j] for i, j in diagonal])
+    summary = {
+        "models": [a.label, b.label],
+        "shape": [a.n_layers + 1, b.n_layers + 1],
+        "n_prompts": n,
+        "k": int(k),
+        "features": "standardised" if standardize else "raw",
+        "chance k/(n-1)": chance,
+        "max mutual kNN": float(matrix[top_a, top_b]) if usable else None,
+        f"max at {a.label} layer": int(top_a) if usable else None,
+        f"max at {b.label} layer": int(top_b) if usable else None,
+        f"max at {a.label} depth": int(top_a) / a.n_layers if usable else None,
+        f"max at {b.label} depth": int(top_b) / b.n_layers if usable else None,
+        "mean mutual kNN at matched depth": float(np.nanmean(diag_values)) if usable else None,
+        "matched-depth layers above chance": int(np.sum(diag_values > chance)),
+        "matched-depth layers": len(diagonal),
+        "mean mutual kNN (all cells)": float(np.nanmean(matrix)) if usable else None,
+        "mutual kNN embeddings (0 vs 0)": float(matrix[0, 0]),
+        "mutual kNN last layers": float(matrix[-1, -1]),
+    }
+    return {"mutual_knn": matrix, "chance": chance, "k": int(k), "alignment": alignment, "summary": summary}
+
+
+def mutual_knn_rows(a: ModelRun, b: ModelRun, pair: dict[str, Any]) -> list[dict[str, Any]]:
+    """One CSV row per (layer of a, layer of b) cell of a `mutual_knn_pair`, with the chance level."""
+    rows = []
+    for i in range(a.n_layers + 1):
+        for j in range(b.n_layers + 1):
+            rows.append({
+                "model_a": a.label, "model_b": b.label,
+                "layer_a": i, "depth_a": i / a.n_layers, "layer_b": j, "depth_b": j / b.n_layers,
+                "mutual_knn": pair["mutual_knn"][i, j], "chance": pair["chance"],
             })
     return rows
 

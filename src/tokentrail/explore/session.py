@@ -35,6 +35,7 @@ from tokentrail.runs import (
     RUN_FILE,
     analysis_options,
     check_analysable,
+    load_run_model,
     load_trace,
     prompt_set_of,
     read_run,
@@ -218,28 +219,14 @@ class ExploreSession:
 
     # --- the model --------------------------------------------------------------------------------------------
 
-    def _settings(self):
-        from tokentrail.models.settings import ModelSettings
-
-        model = dict(self.run.get("model") or {})
-        if model.get("in_memory"):
-            raise ModelUnavailable("this run was traced with a model held in memory (tt.trace_run with a loaded "
-                                   "model), so there are no settings to load it from")
-        known = set(ModelSettings.__dataclass_fields__)
-        return ModelSettings(**{key: value for key, value in model.items() if key in known})
-
     def load_model(self) -> None:
         """Load the run's model with its own settings and check it is the store's model; never raises: a
         failure leaves the session read-only with `model_problem` set."""
-        from tokentrail.store import TraceStore
         from tokentrail.tracing import Tracer
 
         self.model_status = "loading"
         try:
-            settings = self._settings()
-            loaded = settings.load()
-            # The store's rule: traces of another model (weights, dtype, config or tokenizer) are never mixed.
-            TraceStore.open(self.run_dir / "store", model=loaded.fingerprint, options=self.trace_options.to_dict())
+            settings, loaded = load_run_model(self.run_dir, self.run)
             live_options = replace(self.trace_options, logit_lens=True,
                                    top_k=max(self.trace_options.top_k, LENS_TOP_K))
             self._tracer = Tracer(loaded, live_options, batch_size=1)

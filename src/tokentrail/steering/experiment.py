@@ -31,6 +31,7 @@ import torch
 
 from tokentrail.core.trace import Trace, TraceOptions
 from tokentrail.errors import TokentrailError
+from tokentrail.metrics import write_rows
 from tokentrail.models.loading import LoadedModel
 from tokentrail.steering.generation import DEFAULT_MAX_NEW_TOKENS, encode_prompts, generate
 from tokentrail.steering.hooks import POSITIONS, Steering
@@ -41,7 +42,6 @@ from tokentrail.steering.results import (
     random_answer_rows,
     result_rows,
     rounded,
-    write_csv,
     write_outputs,
 )
 from tokentrail.steering.vectors import (
@@ -435,7 +435,7 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
                               position)
     out = development.run_dir / "steer"
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "confirm_random_answers.csv", random_answer_rows(conditions, problems))
+    write_rows(out / "confirm_random_answers.csv", random_answer_rows(conditions, problems))
     steered = next(row for row in rows if row["condition"] == "steer")
     base = next(row for row in rows if row["condition"] == "baseline")
     by_name = {row["condition"]: row for row in rows if row["layer"] is None}
@@ -451,8 +451,8 @@ def _confirm(loaded: LoadedModel, development: SteeringResult, vectors: dict[int
         f"{100 * by_name['instruction']['accuracy']:.1f}%, pure math {100 * by_name['pure-math']['accuracy']:.1f}%."
         f" Verdict: {verdict}."
     )
-    write_csv(out / "confirm_results.csv", rows)
-    write_csv(out / "confirm_random_draws.csv", draws)
+    write_rows(out / "confirm_results.csv", rows)
+    write_rows(out / "confirm_random_draws.csv", draws)
     return {"layer": layer, "alpha": alpha, "test_seed": test_seed, "n_problems": len(problems),
             "rows": [{k: rounded(v) for k, v in row.items()} for row in rows],
             "verdict": verdict, "text": text, "generations": len(arms) * len(problems)}

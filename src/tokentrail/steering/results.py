@@ -17,8 +17,6 @@ Rows of the table, all on the same problems:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from tokentrail.core.trace import Trace
+from tokentrail.metrics import write_rows
 from tokentrail.steering.statistics import (
     empirical_p,
     exchangeable_p,
@@ -231,26 +230,6 @@ def result_rows(
     return rows, draw_rows
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return value
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    from tokentrail.store import atomic_write_bytes
-
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
-
-
 def problem_rows(conditions: Sequence[Condition], problems: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per problem and non-random condition: the generation, the number read from it, right or not."""
     rows = []
@@ -286,10 +265,10 @@ def write_outputs(result: SteeringResult, conditions: Sequence[Condition], probl
     files = {"results": out / "results.csv", "random_draws": out / "random_draws.csv",
              "random_answers": out / "random_answers.csv", "problems": out / "problems.csv",
              "summary": out / "summary.json"}
-    write_csv(files["results"], result.rows)
-    write_csv(files["random_draws"], result.draws)
-    write_csv(files["random_answers"], random_answer_rows(conditions, problems))
-    write_csv(files["problems"], problem_rows(conditions, problems))
+    write_rows(files["results"], result.rows)
+    write_rows(files["random_draws"], result.draws)
+    write_rows(files["random_answers"], random_answer_rows(conditions, problems))
+    write_rows(files["problems"], problem_rows(conditions, problems))
     if any(row["condition"] == "steer" for row in result.rows):
         png, svg = plot_gain_heatmap(result.rows, out / "gain_heatmap",
                                      title=f"{result.settings['model']['name']}: steering "

@@ -16,11 +16,15 @@ from matplotlib.lines import Line2D
 from tokentrail.viz import CategoryStyle, FigureMeta, category_styles, final_layer_index
 from tokentrail.viz.static.style import figure_style, figure_title, mpl_text, save_drawn
 
-__all__ = ["draw_dynamics", "plot_dynamics"]
+__all__ = ["Panel", "draw_dynamics", "draw_panels", "plot_dynamics"]
 
 
 @dataclass
-class _Panel:
+class Panel:
+    """One layer-by-layer quantity: `values [P, T]` per prompt (drawn as each category's mean and spread), or
+    with `overall`, `values [1, T]`: one measure of the whole run, drawn as one line. `spans` shades layer ranges
+    (plateaus, say) with `span_label` in the legend."""
+
     key: str
     title: str
     ylabel: str
@@ -29,9 +33,26 @@ class _Panel:
     xlabel: str = "layer"
     robust_ylim: bool = False
     hline: float | None = None
+    overall: bool = False
+    spans: list[tuple[float, float]] | None = None
+    span_label: str = ""
 
 
-def _per_category_band(ax: Axes, panel: _Panel, meta: FigureMeta, styles: dict[str, CategoryStyle]) -> None:
+def _overall_line(ax: Axes, panel: Panel) -> None:
+    ax.plot(panel.xs, np.asarray(panel.values, dtype=float)[0], color="0.35", linestyle="--", linewidth=1.8,
+            marker=".", gid=f"overall-{panel.key}")
+
+
+def _per_category_band(ax: Axes, panel: Panel, meta: FigureMeta, styles: dict[str, CategoryStyle]) -> None:
+    for number, (start, end) in enumerate(panel.spans or []):
+        ax.axvspan(start - 0.5, end + 0.5, color="0.85", zorder=0,
+                   label=mpl_text(panel.span_label) if number == 0 and panel.span_label else None)
+    if panel.spans and panel.span_label:
+        ax.legend(loc="best", fontsize=8)
+    if panel.overall:
+        _overall_line(ax, panel)
+        _finish(ax, panel)
+        return
     values = np.where(np.isfinite(panel.values), panel.values, np.nan)
     cats = np.asarray(meta.categories)
     with warnings.catch_warnings():
@@ -53,6 +74,10 @@ def _per_category_band(ax: Axes, panel: _Panel, meta: FigureMeta, styles: dict[s
             if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
                 margin = 0.15 * (hi - lo)
                 ax.set_ylim(lo - margin, hi + margin)
+    _finish(ax, panel)
+
+
+def _finish(ax: Axes, panel: Panel) -> None:
     if panel.hline is not None:
         ax.axhline(panel.hline, color="0.5", linewidth=0.8)
     ax.set_title(panel.title, loc="left", fontsize=11)
@@ -95,7 +120,7 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
     def x_for(width: int, start: int) -> np.ndarray:
         return np.arange(start, start + width)
 
-    panels: list[_Panel] = []
+    panels: list[Panel] = []
     specs: list[tuple[str, str, str, int]] = [
         ("step_size", "step size ‖h(l) − h(l−1)‖", "L2 distance", 1),
         ("relative_step", "relative step", "‖Δh‖ / ‖h(l−1)‖", 1),
@@ -106,7 +131,7 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
     for key, title, ylabel, start in specs:
         values = arr(dyn, key)
         if values is not None and values.ndim == 2:
-            panels.append(_Panel(key, title, ylabel, values, x_for(values.shape[1], start)))
+            panels.append(Panel(key, title, ylabel, values, x_for(values.shape[1], start)))
     proj_x = layers[1:]
     for key, title, ylabel, robust in [
         ("speed", "speed in the PC1/PC2 plane", "projected step length", False),
@@ -120,7 +145,7 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
                 xs[-1] = n_raw - 0.5
                 title += " (last point: final norm)"
             panels.append(
-                _Panel(key, title, ylabel, values, xs, robust_ylim=robust, hline=0.0 if robust else None)
+                Panel(key, title, ylabel, values, xs, robust_ylim=robust, hline=0.0 if robust else None)
             )
     # Token-cloud panels, present only for runs that kept every token: (attribute, title, y label, first layer).
     for key, title, ylabel, first in (
@@ -130,13 +155,13 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
         found = getattr(result, key, None)
         if found is not None:
             values = np.asarray(found, dtype=float)
-            panels.append(_Panel(key, title, ylabel, values, x_for(values.shape[1], first)))
+            panels.append(Panel(key, title, ylabel, values, x_for(values.shape[1], first)))
     axis = getattr(result, "axis", None)
     axis_score = getattr(result, "axis_score", None)
     if axis is not None and axis_score is not None:
         values = np.asarray(axis_score, dtype=float)
         panels.append(
-            _Panel(
+            Panel(
                 "axis_score",
                 mpl_text(f"axis score: {axis[0]} → {axis[1]}"),
                 "score",
@@ -157,14 +182,24 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
         if arr(dyn, key) is not None
     ]
 
+    strips = [(title, arr(dyn, key)) for key, title in scalars]
+    return draw_panels(panels, meta, "layer-by-layer dynamics of the last-token state",
+                       "no dynamics were computed for this run", strips)
+
+
+def draw_panels(panels: list[Panel], meta: FigureMeta, what: str, empty: str,
+                strips: list[tuple[str, Any]] | None = None) -> Figure:
+    """A grid of `panels` (per-category mean and ±1 s.d. by layer, or one run-wide line) and `strips` (per-prompt
+    scalars by category), with one category legend; `what` titles the figure, `empty` stands in for no panel."""
+    strips = strips or []
     styles = category_styles(meta.categories)
-    n = len(panels) + len(scalars)
+    n = len(panels) + len(strips)
     with figure_style():
         if n == 0:
             fig = Figure(figsize=(6, 2))
             ax = fig.subplots()
             ax.axis("off")
-            ax.text(0.5, 0.5, "no dynamics were computed for this run", ha="center", va="center")
+            ax.text(0.5, 0.5, empty, ha="center", va="center")
             return fig
         ncols = 3 if n > 4 else min(n, 2)
         nrows = -(-n // ncols)
@@ -173,14 +208,17 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
         flat = list(axes.ravel())
         for ax, panel in zip(flat, panels):
             _per_category_band(ax, panel, meta, styles)
-        for ax, (key, title) in zip(flat[len(panels) :], scalars):
-            _per_category_strip(ax, title, arr(dyn, key), meta, styles)  # type: ignore[arg-type]
+        for ax, (title, values) in zip(flat[len(panels) :], strips):
+            _per_category_strip(ax, title, values, meta, styles)
         for ax in flat[n:]:
             ax.axis("off")
         handles = [
             Line2D([], [], color=s.color, linestyle=s.linestyle, linewidth=2, label=mpl_text(c))
             for c, s in styles.items()
         ]
+        if any(panel.overall for panel in panels):
+            handles.append(Line2D([], [], color="0.35", linestyle="--", linewidth=2, marker=".",
+                                  label="the whole run"))
         title = "category\nline = mean, band = ±1 s.d.\nacross its prompts"
         if len(flat) > n:
             # An empty grid cell is the closest place to the panels it explains.
@@ -195,7 +233,7 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
                 title=title.replace("\n", " "),
             )
         legend.set_gid("category-legend")
-        fig.suptitle(figure_title(meta, "layer-by-layer dynamics of the last-token state"), x=0.01, ha="left")
+        fig.suptitle(figure_title(meta, what), x=0.01, ha="left")
         return fig
 
 
