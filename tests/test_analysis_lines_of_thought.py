@@ -42,6 +42,14 @@ def test_directions_needed_from_a_chosen_spectrum():
     assert np.cumsum(energy)[1] < 0.9 <= np.cumsum(energy)[2]  # by hand: 13/15.25 < 0.9 <= 14/15.25
     assert counts.tolist() == [3, 3] and fractions.tolist() == [0.3, 0.3]
     assert directions_needed(states, energy=1.0)[0].tolist() == [5, 5]
+    # A large shared offset holds the uncentred norm alone; centring leaves the spectrum chosen above (v has
+    # orthonormal columns, so adding one more direction along a constant vector is seen only uncentred).
+    shifted = states + 100.0 * ortho_group.rvs(hidden, random_state=3)[0]
+    assert directions_needed(shifted, energy=0.9)[0].tolist() == [1, 1]
+    centred = directions_needed(shifted, energy=0.9, centred=True)[0]
+    by_hand = np.linalg.svd(layer - layer.mean(axis=0), compute_uv=False)
+    share = np.cumsum(by_hand**2) / np.sum(by_hand**2)
+    assert centred.tolist() == [int(np.argmax(share >= 0.9)) + 1] * 2
     with pytest.raises(ValueError, match="energy"):
         directions_needed(states, energy=0)
 

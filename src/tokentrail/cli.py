@@ -530,6 +530,31 @@ def physics(
     out.print(f"tables: {Path(run_dir) / 'physics'}  figures: {Path(run_dir) / 'figures'} (physics_*)")
 
 
+@app.command("lines-of-thought", epilog="Example: `tokentrail lines-of-thought --out runs/lot --sentences 500`")
+@_options_from(_model_option_list, "loaded")
+def lines_of_thought(
+    loaded: Any = None,  # the model options of `_model_option_list` stand here
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the pseudo-sentences.")] = Path("tokentrail-lot"),
+    sentences: Annotated[int, typer.Option(help="Pseudo-sentences (chunks of standard-library prose).")] = 500,
+    words: Annotated[int, typer.Option(help="Words per pseudo-sentence.")] = 30,
+    batch_size: BatchOpt = "16",
+    quiet: QuietOpt = False,
+) -> None:
+    """Replicate "Lines of Thought" (arXiv 2410.01545): singular directions, linear drift, Gaussian residuals, lambda."""
+    from tokentrail.core.settings import BatchSettings
+    from tokentrail.physics.lines import lines_of_thought_run
+
+    settings = _model_settings(device_map=None, **loaded)
+    _out_dir(out_dir)
+    if sentences < 2 or words < 2:
+        raise TokentrailError(f"--sentences and --words must be at least 2, got {sentences} and {words}")
+    summary = lines_of_thought_run(out_dir, settings, sentences=sentences, words=words,
+                                   batching=BatchSettings(_batch_size(batch_size)), show_progress=not quiet)
+    err.print(f"traced {summary['traced']} prompt(s), {summary['reused']} read back from the store")
+    out.print(summary["text"])
+    out.print(f"results: {out_dir / 'lines_of_thought'}")
+
+
 @app.command(epilog="Example: `tokentrail export tokentrail-out --to states.npz`")
 def export(
     run_dir: RunDirArg,

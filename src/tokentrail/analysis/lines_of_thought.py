@@ -4,7 +4,8 @@ after each layer t = 1..T (the embedding and the final norm left out, as in the 
 
 * **Low dimension.** At each layer, the singular values of the (uncentred) hidden x sentences matrix M(t); the
   number of singular directions needed to hold `energy` (90 %) of its squared Frobenius norm, and that number as a
-  fraction of the hidden size. (The paper's own test truncates the state and compares next-token distributions by
+  fraction of the hidden size; and the same for the centred ensemble (its variance), since one large direction
+  shared by every state can hold most of the uncentred norm alone. (The paper's own test truncates the state and compares next-token distributions by
   KL divergence, and finds about 256 of 1024 directions, 25 %, enough in GPT-2 medium; this is the
   variance-share reading of the same SVD.)
 * **Linear drift.** From layer t to t' the ensemble is carried by a rotation and a stretch read off the two SVDs,
@@ -43,15 +44,17 @@ def _ensemble(states: np.ndarray) -> np.ndarray:
     return values
 
 
-def directions_needed(states: np.ndarray, energy: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer: how many singular directions of the uncentred ensemble hold `energy` of its squared norm,
-    `[T]` ints, and that count over the hidden size, `[T]`."""
+def directions_needed(states: np.ndarray, energy: float = 0.9, centred: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: how many singular directions of the ensemble hold `energy` of its squared norm, `[T]` ints, and
+    that count over the hidden size, `[T]`. Uncentred as in the paper; `centred` subtracts each layer's mean
+    first (its variance), which a large shared direction (a model's outlier features) cannot dominate."""
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     values = _ensemble(states)
     counts = np.zeros(values.shape[1], dtype=int)
     for layer in range(values.shape[1]):
-        singular = np.linalg.svd(values[:, layer], compute_uv=False)
+        cloud = values[:, layer] - values[:, layer].mean(axis=0) if centred else values[:, layer]
+        singular = np.linalg.svd(cloud, compute_uv=False)
         share = np.cumsum(singular**2) / np.sum(singular**2)
         counts[layer] = int(np.searchsorted(share, energy - 1e-12) + 1)
     return counts, counts / values.shape[2]
