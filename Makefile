@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.24.0
 STAMP  := $(VENV)/.tokentrail-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup setup-gemma browser demo test test-fast bench lint clean models-doc
+.PHONY: setup setup-gemma setup-presets browser demo test test-fast bench lint clean models-doc
 
 setup: $(STAMP)
 
@@ -38,10 +38,17 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; }
 
+# The large presets' builder reads the literature and quotation files of Debian's `fortunes` (BSD licence);
+# tracing the shipped presets does not need them.
+setup-presets:
+	@test -d /usr/share/games/fortunes || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; fi; }
+
 demo: setup
 	$(BIN)/tokentrail run
 
-test: setup setup-gemma browser
+test: setup setup-gemma browser setup-presets
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

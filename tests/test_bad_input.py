@@ -154,7 +154,7 @@ def test_fewer_than_two_prompts_for_a_projection(work, tiny_model_dir, capsys):
 def test_unknown_preset(work, capsys):
     before = snapshot(work)
     fails(capsys, ["trace", "--preset", "seed-everything", "--out", str(work / "run")],
-          "error: unknown preset 'seed-everything'; available presets: seed-categories, seed-spectrum")
+          "error: unknown preset 'seed-everything'; available presets: categories-large, seed-categories, seed-spectrum, spectrum-large")
     assert snapshot(work) == before
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "steer", "export", "project", "info", "models", "presets"]
+COMMANDS = ["run", "trace", "analyze", "plot", "report", "bifurcation", "compare", "steer", "export", "project", "info", "models", "presets",
+            "explore", "physics", "lines-of-thought", "presets build"]
 
 
 def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
@@ -25,7 +26,7 @@ def tokentrail(*args: str, cwd: Path, check: bool = False) -> subprocess.Complet
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_an_example(command, tmp_path):
-    result = tokentrail(command, "--help", cwd=tmp_path, check=True)
+    result = tokentrail(*command.split(), "--help", cwd=tmp_path, check=True)
     assert "Example:" in result.stdout and f"tokentrail {command}" in result.stdout
 
 
@@ -55,7 +56,7 @@ def test_trace_export_info_on_a_local_model(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["trace", "--preset", "nope"], "error: unknown preset 'nope'; available presets: seed-categories, seed-spectrum"),
+        (["trace", "--preset", "nope"], "error: unknown preset 'nope'; available presets: categories-large, seed-categories, seed-spectrum, spectrum-large"),
         (["trace", "missing.yaml"], "error: missing.yaml: prompts file not found"),
         (["trace", "--model", "no/such-model"], "error: model 'no/such-model' is not in the local Hugging Face cache"),
         (["trace", "--device", "tpu"], "error: unknown device 'tpu'"),

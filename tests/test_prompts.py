@@ -31,7 +31,7 @@ def seed_prompts() -> list[str]:
 
 
 def test_presets_listed():
-    assert preset_names() == ["seed-categories", "seed-spectrum"]
+    assert preset_names() == ["categories-large", "seed-categories", "seed-spectrum", "spectrum-large"]
 
 
 def test_presets_match_seed_character_for_character():

@@ -630,11 +630,18 @@ def models() -> None:
     out.print("Also accepted by --model: a .gguf file, a local model directory, or a hub id in the local HF cache.")
 
 
-@app.command(epilog="Example: `tokentrail presets`")
-def presets() -> None:
-    """List the built-in prompt sets."""
+presets_app = typer.Typer(help="The built-in prompt sets: list them, or build the large ones.",
+                          rich_markup_mode="markdown", context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.callback(invoke_without_command=True, epilog="Example: `tokentrail presets`")
+def presets(context: typer.Context) -> None:
+    """List the built-in prompt sets (`tokentrail presets build` rebuilds the large ones)."""
     from tokentrail.prompts import load_preset, preset_names
 
+    if context.invoked_subcommand is not None:
+        return
     table = Table(title="presets")
     for column in ("name", "prompts", "categories", "description"):
         table.add_column(column, overflow="fold")
@@ -642,6 +649,27 @@ def presets() -> None:
         preset = load_preset(name)
         table.add_row(name, str(len(preset)), str(len(set(preset.categories))), preset.description)
     out.print(table)
+
+
+@presets_app.command("build", epilog="Example: `tokentrail presets build --out my-presets --seed 1`")
+def presets_build(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.yaml and sources/NAME.yaml.")] = Path("tokentrail-presets"),
+    seed: Annotated[int, typer.Option(help="Seed of the templates and of the order prompts are taken in.")] = 0,
+    per_category: Annotated[int, typer.Option("--per-category", help="Prompts per category.")] = 200,
+) -> None:
+    """Build spectrum-large and categories-large offline (standard-library code and docstrings, Debian's fortunes,
+    seeded templates); the same seed gives the same files."""
+    from tokentrail.tasks.large_presets import write_large_presets
+
+    _out_dir(out_dir)
+    if per_category < 2:
+        raise TokentrailError(f"--per-category must be at least 2, got {per_category}")
+    try:
+        written = write_large_presets(out_dir, seed, per_category)
+    except (FileNotFoundError, ValueError) as exc:
+        raise TokentrailError(str(exc)) from None
+    for path in written:
+        out.print(f"wrote {path}")
 
 
 def _version_callback(value: bool) -> None:
