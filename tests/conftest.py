@@ -139,3 +139,14 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def traced_run(folder: Path, model_dir: Path, prompts: str, *options: str) -> Path:
+    """`tokentrail trace` of `prompts` (a plain-text prompt file's content) by the model in `model_dir` into
+    `folder/run`, as a user runs it; returns the run directory."""
+    from tokentrail import cli
+
+    (folder / "prompts.txt").write_text(prompts)
+    assert cli.main(["trace", str(folder / "prompts.txt"), "--model", str(model_dir), "--out", str(folder / "run"),
+                     "-q", *options]) == 0
+    return folder / "run"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import traced_run
 from tokentrail import cli
 
 PROMPTS = "# math\n2 + 2 =\n7 * 6 =\n# story\nOnce upon a time\nThe sun set over the hills\n"
@@ -27,10 +28,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def prior_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished run (traced and analysed) that no failing command may touch."""
     folder = tmp_path_factory.mktemp("prior")
-    (folder / "prompts.txt").write_text(PROMPTS)
-    assert cli.main(["trace", str(folder / "prompts.txt"), "--model", str(tiny_model_dir), "--out",
-                     str(folder / "run"), "-q"]) == 0
-    assert cli.main(["analyze", str(folder / "run")]) == 0
+    assert cli.main(["analyze", str(traced_run(folder, tiny_model_dir, PROMPTS))]) == 0
     return folder
 
 

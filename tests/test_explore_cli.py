@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tokentrail import cli
+from conftest import traced_run
 
 PROMPTS = "# math\n2 + 2 =\n7 * 6 =\n# story\nOnce upon a time\nThe sun set over the hills\n"
 ENTRY = "from tokentrail.cli import entry; entry()"
@@ -22,11 +22,7 @@ ENTRY = "from tokentrail.cli import entry; entry()"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("explore-cli")
-    (folder / "prompts.txt").write_text(PROMPTS)
-    assert cli.main(["trace", str(folder / "prompts.txt"), "--model", str(tiny_model_dir), "--out",
-                     str(folder / "run"), "-q"]) == 0
-    return folder / "run"
+    return traced_run(tmp_path_factory.mktemp("explore-cli"), tiny_model_dir, PROMPTS)
 
 
 def _free_port() -> int:

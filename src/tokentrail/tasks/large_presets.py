@@ -113,34 +113,86 @@ def _fortune_prefixes() -> list[str]:
 
 _VARIABLES = ["x", "y", "n", "t", "z", "a", "b", "k"]
 _FUNCTIONS = ["2x", "x^2", "3x^2 + 1", "sin(x)", "e^x", "x^3 - x", "1/x", "ln(x)", "cos(2x)", "4x + 7"]
-_NAMES = ["counter", "total", "index", "balance", "score", "queue", "buffer", "result", "limit", "flag"]
-_ITEMS = ["user", "order", "file", "packet", "row", "node", "task", "message", "record", "request"]
-_FEELINGS = ["Love", "Grief", "Hope", "Longing", "Joy", "Fear", "Regret", "Wonder", "Solitude", "Desire"]
-_HEART = ["heart", "soul", "memory", "silence", "tears", "dream", "night", "moon", "rain", "river"]
-_NATURE = ["moon", "river", "wind", "forest", "sea", "sky", "stars", "rain", "snow", "mountain"]
-_VERBS = ["whispered", "sang", "wept", "danced", "trembled", "dreamed", "sighed", "waited", "burned", "drifted"]
-_KINDS = [("men", "man", "mortal"), ("birds", "bird", "winged"), ("cats", "cat", "a mammal"),
-          ("squares", "square", "a rectangle"), ("poets", "poet", "a dreamer"), ("metals", "metal", "a conductor"),
-          ("roses", "rose", "a flower"), ("whales", "whale", "a mammal"), ("kings", "king", "a ruler")]
-_INDIVIDUALS = ["Socrates", "Tom", "Alice", "Rex", "Figure A", "Copper", "Bella", "Moby", "Arthur"]
-_GROUNDS = ["grass", "road", "roof", "garden", "field", "street"]
-_ELEMENTS = ["hydrogen", "helium", "carbon", "nitrogen", "oxygen", "sodium", "iron", "copper", "silver", "gold",
-             "mercury", "lead", "uranium", "neon", "calcium", "zinc", "tin", "sulfur", "iodine", "platinum"]
-_PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"]
-_INVENTIONS = ["printing press", "telephone", "light bulb", "steam engine", "telescope", "airplane", "radio",
-               "computer", "compass", "microscope"]
-_PEOPLE = ["Isaac Newton", "Marie Curie", "Albert Einstein", "Charles Darwin", "Ada Lovelace", "Galileo Galilei",
-           "Leonardo da Vinci", "William Shakespeare", "Napoleon Bonaparte", "Julius Caesar", "Cleopatra",
-           "Nikola Tesla", "Alan Turing", "Johann Sebastian Bach", "Wolfgang Amadeus Mozart", "Jane Austen",
-           "Abraham Lincoln", "Mahatma Gandhi", "Confucius", "Aristotle", "Plato", "Louis Pasteur",
-           "Gregor Mendel", "Dmitri Mendeleev", "Michael Faraday", "James Watt", "Rosalind Franklin",
-           "Nicolaus Copernicus", "Johannes Kepler", "Ludwig van Beethoven"]
-_LARGEST = ["ocean", "desert", "planet", "country", "lake", "mountain range", "island", "animal", "rainforest",
-            "river"]
-_ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
-             "eleventh", "twelfth", "sixteenth", "twentieth", "thirtieth"]
-_COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Mexico", "Norway",
-              "Peru", "Spain", "Sweden", "Turkey", "Vietnam", "Chile", "Greece", "Poland", "Ghana", "Nepal"]
+# Templates: format strings over the vocabularies below; a slot named twice in one template takes one value.
+_VOCABULARY: dict[str, list] = {
+    "name": ["counter", "total", "index", "balance", "score", "queue", "buffer", "result", "limit", "flag"],
+    "item": ["user", "order", "file", "packet", "row", "node", "task", "message", "record", "request"],
+    "n": list(range(2, 101)),
+    "step": list(range(1, 10)),
+    "feeling": ["Love", "Grief", "Hope", "Longing", "Joy", "Fear", "Regret", "Wonder", "Solitude", "Desire"],
+    "other": ["Love", "Grief", "Hope", "Longing", "Joy", "Fear", "Regret", "Wonder", "Solitude", "Desire"],
+    "mood": ["love", "grief", "hope", "longing", "joy", "fear", "regret", "wonder", "solitude", "desire"],
+    "heart": ["heart", "soul", "memory", "silence", "tears", "dream", "night", "moon", "rain", "river"],
+    "nature": ["moon", "river", "wind", "forest", "sea", "sky", "stars", "rain", "snow", "mountain"],
+    "place": ["moon", "river", "wind", "forest", "sea", "sky", "stars", "rain", "snow", "mountain"],
+    "verb": ["whispered", "sang", "wept", "danced", "trembled", "dreamed", "sighed", "waited", "burned", "drifted"],
+    "kind": [("men", "man", "mortal"), ("birds", "bird", "winged"), ("cats", "cat", "a mammal"),
+             ("squares", "square", "a rectangle"), ("poets", "poet", "a dreamer"), ("metals", "metal", "a conductor"),
+             ("roses", "rose", "a flower"), ("whales", "whale", "a mammal"), ("kings", "king", "a ruler")],
+    "who": ["Socrates", "Tom", "Alice", "Rex", "Figure A", "Copper", "Bella", "Moby", "Arthur"],
+    "p": ["A", "B", "C"], "q": ["D", "E", "F"], "r": ["X", "Y", "Z"],
+    "colour": ["Red", "Blue", "Green"], "colour2": ["Black", "White", "Gold"],
+    "ground": ["grass", "road", "roof", "garden", "field", "street"],
+    "element": ["hydrogen", "helium", "carbon", "nitrogen", "oxygen", "sodium", "iron", "copper", "silver", "gold",
+                "mercury", "lead", "uranium", "neon", "calcium", "zinc", "tin", "sulfur", "iodine", "platinum"],
+    "planet": ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"],
+    "invention": ["printing press", "telephone", "light bulb", "steam engine", "telescope", "airplane", "radio",
+                  "computer", "compass", "microscope"],
+    "person": ["Isaac Newton", "Marie Curie", "Albert Einstein", "Charles Darwin", "Ada Lovelace", "Galileo Galilei",
+               "Leonardo da Vinci", "William Shakespeare", "Napoleon Bonaparte", "Julius Caesar", "Cleopatra",
+               "Nikola Tesla", "Alan Turing", "Johann Sebastian Bach", "Wolfgang Amadeus Mozart", "Jane Austen",
+               "Abraham Lincoln", "Mahatma Gandhi", "Confucius", "Aristotle", "Plato", "Louis Pasteur",
+               "Gregor Mendel", "Dmitri Mendeleev", "Michael Faraday", "James Watt", "Rosalind Franklin",
+               "Nicolaus Copernicus", "Johannes Kepler", "Ludwig van Beethoven"],
+    "largest": ["ocean", "desert", "planet", "country", "lake", "mountain range", "island", "animal", "rainforest",
+                "river"],
+    "ordinal": ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+                "eleventh", "twelfth", "sixteenth", "twentieth", "thirtieth"],
+    "country": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Mexico", "Norway",
+                "Peru", "Spain", "Sweden", "Turkey", "Vietnam", "Chile", "Greece", "Poland", "Ghana", "Nepal"],
+}
+_TEMPLATES: dict[str, list[str]] = {
+    "pseudocode": [
+        "IF {item} is valid THEN process {item} ELSE", "REPEAT until {name} is greater than {n}:",
+        "SET {name} to zero and INCREMENT by {step}", "FOR EACH {item} IN the list DO",
+        "WHILE {name} is less than {n} DO", "READ the next {item} and STORE it in",
+        "IF {name} equals {n} THEN RETURN", "INITIALIZE {name} to {n} THEN FOR EACH {item}",
+    ],
+    "algorithmic-poetry": [
+        "class {feeling}({other}): def __init__(self):", "while {heart}.is_breaking(): print('",
+        "if ({heart} > 0): return {mood} else: return", "for {heart} in {mood}.memories():",
+        "def forget({heart}): return {mood}.", "try: hold({heart}) except {feeling}Error:",
+        "import {mood} as", "{heart} = [{mood} for",
+    ],
+    "creative": [
+        "The {nature} {verb} to the", "Once upon a time, beneath the {nature},", "Write a haiku about the {nature}:",
+        "In the silence of the {nature},", "Her eyes were like the {nature} that", "The {nature} and the {place}",
+    ],
+    "history-facts": [
+        "The capital of {country} is", "The chemical symbol for {element} is", "The planet {planet} is the",
+        "The {invention} was invented by", "The official language of {country} is", "The atomic number of {element} is",
+        "{country} is a country in", "The {invention} was first used in", "{person} was born in",
+        "{person} is best known for", "The largest {largest} in the world is",
+        "The {ordinal} president of the United States was", "The currency of {country} is the", "{person} died in the year",
+    ],
+    "logic-syllogism": [
+        "All {kind[0]} are {kind[2]}. {who} is a {kind[1]}. Therefore,", "{p} > {q} and {q} > {r}, so {p} is",
+        "Either {colour} or {colour2}. Not {colour}. Therefore,", "No {kind[0]} are immortal. {who} is a {kind[1]}. So,",
+        "If it rains, the {ground} gets wet. It rained. Thus,", "Some {kind[0]} are {kind[2]}. All {kind[2]} things fly. Hence,",
+    ],
+}
+_SLOT = re.compile(r"\{(\w+)")
+
+
+def _filled(kind: str) -> Callable[[random.Random], str]:
+    """A maker of `kind` prompts: a template drawn, then a value for each slot it names (one draw per slot)."""
+
+    def make(rng: random.Random) -> str:
+        template = rng.choice(_TEMPLATES[kind])
+        slots = dict.fromkeys(_SLOT.findall(template))
+        return template.format(**{slot: rng.choice(_VOCABULARY[slot]) for slot in slots})
+
+    return make
 
 
 def _math(rng: random.Random) -> str:
@@ -157,58 +209,6 @@ def _math(rng: random.Random) -> str:
 def _word_problems(seed: int) -> Iterator[str]:
     for problem in generate_problems(600, seed=seed):
         yield problem.question
-
-
-def _pseudocode(rng: random.Random) -> str:
-    name, item, n = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 100)
-    return rng.choice([
-        f"IF {item} is valid THEN process {item} ELSE", f"REPEAT until {name} is greater than {n}:",
-        f"SET {name} to zero and INCREMENT by {n % 9 + 1}", f"FOR EACH {item} IN the list DO",
-        f"WHILE {name} is less than {n} DO", f"READ the next {item} and STORE it in",
-        f"IF {name} equals {n} THEN RETURN", f"INITIALIZE {name} to {n} THEN FOR EACH {item}",
-    ])
-
-
-def _poetry_code(rng: random.Random) -> str:
-    feeling, other, heart = rng.choice(_FEELINGS), rng.choice(_FEELINGS), rng.choice(_HEART)
-    return rng.choice([
-        f"class {feeling}({other}): def __init__(self):", f"while {heart}.is_breaking(): print('",
-        f"if ({heart} > 0): return {feeling.lower()} else: return", f"for {heart} in {other.lower()}.memories():",
-        f"def forget({heart}): return {feeling.lower()}.", f"try: hold({heart}) except {feeling}Error:",
-        f"import {feeling.lower()} as", f"{heart} = [{feeling.lower()} for",
-    ])
-
-
-def _creative(rng: random.Random) -> str:
-    nature, verb, other = rng.choice(_NATURE), rng.choice(_VERBS), rng.choice(_NATURE)
-    return rng.choice([
-        f"The {nature} {verb} to the", f"Once upon a time, beneath the {nature},", f"Write a haiku about the {nature}:",
-        f"In the silence of the {nature},", f"Her eyes were like the {nature} that", f"The {nature} and the {other}",
-    ])
-
-
-def _fact(rng: random.Random) -> str:
-    return rng.choice([
-        f"The capital of {rng.choice(_COUNTRIES)} is", f"The chemical symbol for {rng.choice(_ELEMENTS)} is",
-        f"The planet {rng.choice(_PLANETS)} is the", f"The {rng.choice(_INVENTIONS)} was invented by",
-        f"The official language of {rng.choice(_COUNTRIES)} is", f"The atomic number of {rng.choice(_ELEMENTS)} is",
-        f"{rng.choice(_COUNTRIES)} is a country in", f"The {rng.choice(_INVENTIONS)} was first used in",
-        f"{rng.choice(_PEOPLE)} was born in", f"{rng.choice(_PEOPLE)} is best known for",
-        f"The largest {rng.choice(_LARGEST)} in the world is", f"The {rng.choice(_ORDINALS)} president of the United States was",
-        f"The currency of {rng.choice(_COUNTRIES)} is the", f"{rng.choice(_PEOPLE)} died in the year",
-    ])
-
-
-def _syllogism(rng: random.Random) -> str:
-    (plural, single, trait), who = rng.choice(_KINDS), rng.choice(_INDIVIDUALS)
-    p, q, r = rng.sample(["A", "B", "C", "D", "X", "Y"], 3)
-    colour, other = rng.sample(["Red", "Blue", "Green", "Black", "White", "Gold"], 2)
-    return rng.choice([
-        f"All {plural} are {trait}. {who} is a {single}. Therefore,", f"{p} > {q} and {q} > {r}, so {p} is",
-        f"Either {colour} or {other}. Not {colour}. Therefore,", f"No {plural} are immortal. {who} is a {single}. So,",
-        f"If it rains, the {rng.choice(_GROUNDS)} gets wet. It rained. Thus,",
-        f"Some {plural} are {trait}. All {trait} things fly. Hence,",
-    ])
 
 
 # --- assembly --------------------------------------------------------------------------------------------------
@@ -279,16 +279,16 @@ def build_large_presets(seed: int = 0, per_category: int = 200) -> dict[str, lis
             ("pure-story", _shuffled(fortunes, rng, "debian-fortunes")),
             ("word-problems", ((question, templates) for question in _word_problems(seed))),
             ("docstrings", _shuffled(text, rng, "python-stdlib-docstrings")),
-            ("pseudocode", _drawn(_pseudocode, rng, templates)),
-            ("algorithmic-poetry", _drawn(_poetry_code, rng, templates)),
+            ("pseudocode", _drawn(_filled("pseudocode"), rng, templates)),
+            ("algorithmic-poetry", _drawn(_filled("algorithmic-poetry"), rng, templates)),
         ],
         "categories-large": [
             ("math", _drawn(_math, rng, templates)),
             ("code", _shuffled(code, rng, "python-stdlib-code")),
-            ("history-facts", _drawn(_fact, rng, templates)),
-            ("creative-poetry", _alternating(_drawn(_creative, rng, templates, tries=2000),
+            ("history-facts", _drawn(_filled("history-facts"), rng, templates)),
+            ("creative-poetry", _alternating(_drawn(_filled("creative"), rng, templates, tries=2000),
                                              _shuffled(fortunes, rng, "debian-fortunes"))),
-            ("logic-syllogism", _drawn(_syllogism, rng, templates)),
+            ("logic-syllogism", _drawn(_filled("logic-syllogism"), rng, templates)),
         ],
     }
     built: dict[str, list[LargePrompt]] = {}
