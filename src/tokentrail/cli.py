@@ -79,6 +79,8 @@ FitOnOpt = Annotated[str | None, typer.Option("--fit-on", help="Comma-separated 
 AxisOpt = Annotated[str | None, typer.Option("--axis", help="Two categories A,B: axis score 0 at A, 1 at B.")]
 SustainOpt = Annotated[int | None, typer.Option("--sustain", help="Layers a prompt must stay outside its category.")]
 PermOpt = Annotated[int | None, typer.Option("--permutations", help="Label permutations for p-values (at least 1).")]
+HoldoutOpt = Annotated[bool | None, typer.Option(
+    "--holdout/--no-holdout", help="Fit the axis on a seeded half of each axis category and score the other half.")]
 FpsOpt = Annotated[float, typer.Option("--fps", help="Frames per second of the layer-by-layer GIF.")]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `tokentrail run` or `trace`.")]
 
@@ -210,7 +212,8 @@ def _trace_options(prompts_file: PromptsFile = None, preset: PresetOpt = None, l
 
 def _analysis_option_list(layers: LayersOpt = None, include_final: FinalOpt = None, components: ComponentsOpt = None,
                           normalize: NormalizeOpt = None, center: CenterOpt = None, fit_on: FitOnOpt = None,
-                          axis: AxisOpt = None, sustain: SustainOpt = None, permutations: PermOpt = None) -> None:
+                          axis: AxisOpt = None, sustain: SustainOpt = None, permutations: PermOpt = None,
+                          holdout: HoldoutOpt = None) -> None:
     """The options `analyze` and `run` share, declared once (see `_options_from`)."""
 
 
@@ -306,7 +309,7 @@ def _analysis_options(run_dir: Path, categories: list[str] | None, analysed: dic
     options = analysis_options(
         run, layers=o.layers, include_final=o.include_final, n_components=_components(o.components),
         normalize=o.normalize, center=o.center, fit_on=_split(o.fit_on), axis=axis_pair, sustain=o.sustain,
-        n_permutations=_permutations(o.permutations),
+        n_permutations=_permutations(o.permutations), holdout=o.holdout,
     )
     if categories is not None:
         try:

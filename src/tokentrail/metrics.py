@@ -186,11 +186,15 @@ def metric_tables(result: AnalysisResult, prompt_ids: list[str], categories: lis
     if result.axis is not None and result.axis_score is not None:
         scores = np.asarray(result.axis_score)
         axis_a, axis_b = result.axis
-        tables["axis_score.csv"] = (
-            ["prompt_id", "category", "layer", "axis_a", "axis_b", "score"],
-            [[prompt_ids[p], categories[p], layer, axis_a, axis_b, scores[p, layer]]
-             for p in range(n_prompts) for layer in range(scores.shape[1])],
-        )
+        header = ["prompt_id", "category", "layer", "axis_a", "axis_b", "score"]
+        fitted = getattr(result, "axis_fit", None)
+        # --holdout: which prompts defined the axis (their score is left empty) and which were scored.
+        roles = [[] if fitted is None else ["fit" if fitted[p] else "evaluated"] for p in range(n_prompts)]
+        if fitted is not None:
+            header.append("axis_role")
+        tables["axis_score.csv"] = (header, [
+            [prompt_ids[p], categories[p], layer, axis_a, axis_b, scores[p, layer], *roles[p]]
+            for p in range(n_prompts) for layer in range(scores.shape[1])])
     if result.wasserstein is not None and result.token_cosine is not None:
         wasserstein = np.asarray(result.wasserstein)
         token_cosine = np.asarray(result.token_cosine)

@@ -23,7 +23,12 @@ import numpy as np
 from tokentrail.analysis.bifurcation import bifurcation_layers, divergence_layers
 from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
 from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
-from tokentrail.analysis.separation import axis_score, best_separation_layer, separation_by_layer
+from tokentrail.analysis.separation import (
+    axis_score,
+    best_separation_layer,
+    holdout_split,
+    separation_by_layer,
+)
 from tokentrail.analysis.transport import token_cosine_by_layer, wasserstein_by_layer
 from tokentrail.core.jsonable import json_ready
 
@@ -58,6 +63,9 @@ class AnalysisOptions:
     knn_k: int = 3
     n_permutations: int = 200
     seed: int = 0
+    # Fit the axis centroids on a seeded half of each axis category and score only the other half (and every
+    # other category), so that no reading comes from the prompts that defined the axis.
+    holdout: bool = False
 
     def validate(self, categories: Sequence[str]) -> None:
         """Raise ValueError (one line) for options that cannot apply to these categories."""
@@ -102,6 +110,7 @@ class AnalysisResult:
     token_cosine: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    axis_fit: np.ndarray | None = None  # [prompts] with --holdout: True where a prompt fitted the axis
 
 
 def default_axis(categories: Sequence[str]) -> tuple[str, str] | None:
@@ -254,6 +263,10 @@ def _summary(
     }
 
     summary["axis"] = list(result.axis) if result.axis is not None else None
+    if result.axis_fit is not None:
+        summary["axis_holdout"] = {"fitted_on": int(result.axis_fit.sum()),
+                                   "evaluated_in_axis_categories": int(sum(
+                                       c in (result.axis or ()) for c in categories) - result.axis_fit.sum())}
     if result.axis_score is not None:
         summary["axis_score_last_layer_by_category"] = _per_category_mean(result.axis_score[:, -1], categories)
     if result.wasserstein is not None and result.token_cosine is not None:
@@ -365,7 +378,13 @@ def analyze_states(
         warnings.append(f"separation by layer skipped: {exc}")
 
     axis = (options.axis[0], options.axis[1]) if options.axis is not None else default_axis(categories)
-    scores = axis_score(values, categories, axis[0], axis[1]) if axis is not None else None
+    scores = axis_fit = None
+    if axis is not None and options.holdout:
+        axis_fit = holdout_split(categories, axis, options.seed)
+        scores = axis_score(values, categories, axis[0], axis[1], fit_mask=axis_fit)
+        scores[axis_fit] = np.nan  # the prompts that defined the axis get no reading on it
+    elif axis is not None:
+        scores = axis_score(values, categories, axis[0], axis[1])
     if axis is None and len(set(categories)) >= 2:
         warnings.append("no axis score: no category names mark natural vs formal language; choose an axis")
 
@@ -391,6 +410,7 @@ def analyze_states(
         separation=separation,
         axis=axis,
         axis_score=scores,
+        axis_fit=axis_fit,
         bifurcation_layer=bifurcation_layer,
         bifurcation_toward=bifurcation_toward,
         divergence_layer=divergence_layers(values),

@@ -147,13 +147,30 @@ def best_separation_layer(result: dict[str, Any]) -> int:
     return int(np.nanargmax(silhouette))
 
 
+def holdout_split(categories: Sequence[str], names: Sequence[str], seed: int = 0) -> np.ndarray:
+    """`[prompts]` bool: True for the half of each category in `names` that fits an axis or centroid (a seeded
+    draw, the larger half when odd), False for the other half, on which it is evaluated, and for every prompt of
+    another category. A category of fewer than 2 prompts cannot be split and is refused."""
+    labels = np.asarray(list(categories), dtype=object)
+    rng = np.random.default_rng(seed)
+    fitting = np.zeros(len(labels), dtype=bool)
+    for name in names:
+        rows = np.flatnonzero(labels == name)
+        if rows.size < 2:
+            raise ValueError(f"category {name!r} has {rows.size} prompt(s); a held-out fit needs at least 2")
+        fitting[rng.permutation(rows)[: (rows.size + 1) // 2]] = True
+    return fitting
+
+
 def axis_score(
-    states: np.ndarray, categories: Sequence[str], category_a: str, category_b: str
+    states: np.ndarray, categories: Sequence[str], category_a: str, category_b: str,
+    fit_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Position of every prompt on the line from centroid A to centroid B, per layer: `[prompts, n_layers]`.
 
     The state is projected orthogonally onto the line, so 0 is at A's centroid, 1 at B's, 0.5 half way, and
-    values beyond [0, 1] lie past either end. Layers where the two centroids coincide give nan.
+    values beyond [0, 1] lie past either end. Layers where the two centroids coincide give nan. With `fit_mask`
+    (bool per prompt), the centroids are those of the prompts it marks only (see `holdout_split`).
     """
     values = np.asarray(states, dtype=np.float64)
     if values.ndim != 3:
@@ -163,12 +180,17 @@ def axis_score(
     if category_a == category_b:
         raise ValueError(f"an axis needs two different categories, got {category_a!r} twice")
     labels = np.asarray(list(categories), dtype=object)
+    fitting = np.ones(len(labels), dtype=bool) if fit_mask is None else np.asarray(fit_mask, dtype=bool)
+    if fitting.shape != labels.shape:
+        raise ValueError(f"fit_mask must have one entry per prompt ({len(labels)}), got shape {fitting.shape}")
     for name in (category_a, category_b):
         if not np.any(labels == name):
             known = ", ".join(dict.fromkeys(categories))
             raise ValueError(f"axis category {name!r} is not among the categories ({known})")
-    centroid_a = values[labels == category_a].mean(axis=0)  # [n_layers, hidden]
-    centroid_b = values[labels == category_b].mean(axis=0)
+        if not np.any((labels == name) & fitting):
+            raise ValueError(f"axis category {name!r} has no prompt to fit its centroid on")
+    centroid_a = values[(labels == category_a) & fitting].mean(axis=0)  # [n_layers, hidden]
+    centroid_b = values[(labels == category_b) & fitting].mean(axis=0)
     direction = centroid_b - centroid_a
     length_squared = np.sum(direction**2, axis=-1)  # [n_layers]
     along = np.sum((values - centroid_a) * direction, axis=-1)  # [P, n_layers]
