@@ -230,7 +230,8 @@ def test_write_metrics_tables_match_the_result(tmp_path):
     assert float(dynamics[2][-1]) == pytest.approx(result.dynamics["turning_angle"][0, 0], rel=1e-7)
 
     separation = read_csv(tmp_path / "metrics" / "separation.csv")
-    assert separation[0][:3] == ["layer", "silhouette", "knn_accuracy"]
+    assert separation[0][:7] == ["layer", "silhouette", "silhouette_low", "silhouette_high", "knn_accuracy",
+                                 "knn_accuracy_low", "knn_accuracy_high"]
     assert len(separation) == 1 + N_BLOCKS + 1
 
     divergence = read_csv(tmp_path / "metrics" / "divergence.csv")

@@ -138,7 +138,8 @@ def _projected_table(
 
 
 def _separation_table(separation: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    names = [n for n in ("silhouette", "knn_accuracy", "p_value", "knn_p_value") if n in separation]
+    names = [n for n in ("silhouette", "silhouette_low", "silhouette_high", "knn_accuracy", "knn_accuracy_low",
+                         "knn_accuracy_high", "p_value", "knn_p_value") if n in separation]
     columns = [np.asarray(separation[n]) for n in names]
     header = ["layer", *names, "chance"]
     rows = [[layer, *(c[layer] for c in columns), float(separation["chance"])] for layer in range(len(columns[0]))]

@@ -66,6 +66,8 @@ class AnalysisOptions:
     # Fit the axis centroids on a seeded half of each axis category and score only the other half (and every
     # other category), so that no reading comes from the prompts that defined the axis.
     holdout: bool = False
+    # Resamples of the prompts (within categories) for the 95 % intervals of separation by layer; 0: none.
+    n_bootstrap: int = 1000
 
     def validate(self, categories: Sequence[str]) -> None:
         """Raise ValueError (one line) for options that cannot apply to these categories."""
@@ -81,6 +83,8 @@ class AnalysisOptions:
             raise ValueError(f"knn_k must be at least 1, got {self.knn_k}")
         if self.n_permutations < 0:
             raise ValueError(f"n_permutations must be 0 or more, got {self.n_permutations}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be 0 or more, got {self.n_bootstrap}")
         known = list(dict.fromkeys(categories))
         for name in list(self.fit_on or []) + list(self.axis or []):
             if name not in known:
@@ -240,6 +244,12 @@ def _summary(
             first_significant_layer=int(significant[0]) if significant.size else None,
             knn_k=separation["k"],
         )
+        if "silhouette_low" in separation and best >= 0:
+            summary["best_silhouette_interval"] = [separation["silhouette_low"][best],
+                                                   separation["silhouette_high"][best]]
+            summary["best_knn_accuracy_interval"] = [separation["knn_accuracy_low"][best],
+                                                     separation["knn_accuracy_high"][best]]
+            summary["n_bootstrap"] = separation["n_bootstrap"]
     else:
         summary.update(best_separation_layer=None, best_silhouette=None, best_knn_accuracy=None,
                        best_p_value=None, chance=None, first_significant_layer=None)
@@ -371,7 +381,8 @@ def analyze_states(
 
     try:
         separation = separation_by_layer(
-            values, categories, k=options.knn_k, n_permutations=options.n_permutations, seed=options.seed
+            values, categories, k=options.knn_k, n_permutations=options.n_permutations, seed=options.seed,
+            n_bootstrap=options.n_bootstrap,
         )
     except ValueError as exc:
         separation = None

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from tokentrail.analysis.intervals import stratified_bootstrap_mean
+
 # Shuffled statistics that equal the observed one up to rounding must count as ">=".
 _TIE_TOLERANCE = 1e-12
 
@@ -52,6 +54,11 @@ def cosine_distance_matrix(points: np.ndarray) -> np.ndarray:
 
 def _silhouettes(distances: np.ndarray, label_sets: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Mean silhouette for each row of `label_sets [n_sets, P]`, all sharing the class sizes `counts`."""
+    return _silhouette_scores(distances, label_sets, counts).mean(axis=1)
+
+
+def _silhouette_scores(distances: np.ndarray, label_sets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`[n_sets, P]`: every prompt's silhouette under each row of `label_sets`."""
     n_sets, n_prompts = label_sets.shape
     n_classes = len(counts)
     one_hot = np.zeros((n_prompts, n_sets, n_classes))
@@ -66,16 +73,20 @@ def _silhouettes(distances: np.ndarray, label_sets: np.ndarray, counts: np.ndarr
     nearest_other = mean_to_class.min(axis=2)
     larger = np.maximum(within, nearest_other)
     # sklearn scores a point as 0 when both distances are 0 (identical states), not as 0/0.
-    scores = np.where(larger > 0, (nearest_other - within) / np.where(larger > 0, larger, 1.0), 0.0)
-    return scores.mean(axis=1)
+    return np.where(larger > 0, (nearest_other - within) / np.where(larger > 0, larger, 1.0), 0.0)
 
 
 def _knn_accuracies(neighbours: np.ndarray, label_sets: np.ndarray, n_classes: int) -> np.ndarray:
     """Leave-one-out kNN accuracy for each row of `label_sets [n_sets, P]`; `neighbours [P, k]` exclude self."""
+    return _knn_hits(neighbours, label_sets, n_classes).mean(axis=1)
+
+
+def _knn_hits(neighbours: np.ndarray, label_sets: np.ndarray, n_classes: int) -> np.ndarray:
+    """`[n_sets, P]`: 1 where a prompt's k nearest others vote for its own category, else 0."""
     neighbour_labels = label_sets[:, neighbours]  # [n_sets, P, k]
     votes = np.eye(n_classes)[neighbour_labels].sum(axis=2)  # [n_sets, P, C]
     predicted = votes.argmax(axis=2)  # argmax takes the first (alphabetically first category) on a tie
-    return (predicted == label_sets).mean(axis=1)
+    return (predicted == label_sets).astype(np.float64)
 
 
 def _p_values(observed: float, shuffled: np.ndarray) -> float:
@@ -89,11 +100,14 @@ def separation_by_layer(
     k: int = 3,
     n_permutations: int = 200,
     seed: int = 0,
+    n_bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Category separation at every layer of `states [prompts, n_layers, hidden]` (cosine metric).
 
     Returns `silhouette`, `knn_accuracy`, `p_value` (silhouette permutation test), `knn_p_value` (each
-    `[n_layers]`), `chance` (float), `k` (the k actually used: at most prompts - 1) and `n_permutations`.
+    `[n_layers]`), `chance` (float), `k` (the k actually used: at most prompts - 1) and `n_permutations`. With
+    `n_bootstrap`, also 95 % intervals over prompts resampled within categories (`analysis.intervals`):
+    `silhouette_low`, `silhouette_high`, `knn_accuracy_low`, `knn_accuracy_high`.
     """
     values = np.asarray(states, dtype=np.float64)
     if values.ndim != 3:
@@ -113,6 +127,7 @@ def separation_by_layer(
 
     silhouette = np.empty(n_layers)
     knn_accuracy = np.empty(n_layers)
+    per_prompt = {"silhouette": np.empty((n_prompts, n_layers)), "knn_accuracy": np.empty((n_prompts, n_layers))}
     p_value = np.empty(n_layers)
     knn_p_value = np.empty(n_layers)
     for layer in range(n_layers):
@@ -121,14 +136,16 @@ def separation_by_layer(
         np.fill_diagonal(excluding_self, np.inf)
         # A stable sort keeps the lower prompt index first among equally distant neighbours.
         neighbours = np.argsort(excluding_self, axis=1, kind="stable")[:, :k_used]
-        silhouette[layer] = _silhouettes(distances, observed_labels, counts)[0]
-        knn_accuracy[layer] = _knn_accuracies(neighbours, observed_labels, len(counts))[0]
+        scores = _silhouette_scores(distances, observed_labels, counts)[0]
+        hits = _knn_hits(neighbours, observed_labels, len(counts))[0]
+        per_prompt["silhouette"][:, layer], per_prompt["knn_accuracy"][:, layer] = scores, hits
+        silhouette[layer], knn_accuracy[layer] = scores.mean(), hits.mean()
         if n_permutations:
             p_value[layer] = _p_values(silhouette[layer], _silhouettes(distances, shuffles, counts))
             knn_p_value[layer] = _p_values(knn_accuracy[layer], _knn_accuracies(neighbours, shuffles, len(counts)))
         else:
             p_value[layer] = knn_p_value[layer] = 1.0
-    return {
+    result = {
         "silhouette": silhouette,
         "knn_accuracy": knn_accuracy,
         "p_value": p_value,
@@ -136,7 +153,13 @@ def separation_by_layer(
         "chance": float(counts.max() / n_prompts),
         "k": k_used,
         "n_permutations": int(n_permutations),
+        "n_bootstrap": int(n_bootstrap),
     }
+    if n_bootstrap:
+        for name, values in per_prompt.items():
+            result[f"{name}_low"], result[f"{name}_high"] = stratified_bootstrap_mean(
+                values, list(categories), n_boot=n_bootstrap, seed=seed)
+    return result
 
 
 def best_separation_layer(result: dict[str, Any]) -> int:

@@ -57,6 +57,11 @@ def draw_separation(result: Any, meta: FigureMeta) -> Figure | None:
                 label="not significant",
             )
 
+        for ax, name, colour in ((ax_s, "silhouette", OKABE_BLUE), (ax_k, "knn_accuracy", OKABE_VERMILLION)):
+            if f"{name}_low" in sep:  # the 95 % bootstrap interval over prompts, as a band
+                low, high = (np.asarray(sep[f"{name}_{end}"], dtype=float) for end in ("low", "high"))
+                ax.fill_between(np.arange(low.size), low, high, color=colour, alpha=0.18, linewidth=0,
+                                gid=f"{name}-interval", label="95 % interval (bootstrap over prompts)")
         if silhouette.size:
             ax_s.plot(np.arange(silhouette.size), silhouette, color=OKABE_BLUE, linewidth=2, gid="silhouette")
             significance(ax_s, silhouette, OKABE_BLUE)
