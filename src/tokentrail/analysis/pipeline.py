@@ -59,15 +59,16 @@ class AnalysisOptions:
     center: str = "global"
     fit_on: list[str] | None = None
     axis: tuple[str, str] | None = None
-    sustain: int = 2
-    knn_k: int = 3
-    n_permutations: int = 200
-    seed: int = 0
     # Fit the axis centroids on a seeded half of each axis category and score only the other half (and every
     # other category), so that no reading comes from the prompts that defined the axis.
     holdout: bool = False
-    # Resamples of the prompts (within categories) for the 95 % intervals of separation by layer; 0: none.
+    sustain: int = 2
+    knn_k: int = 3
+    # Label permutations for p-values; resamples of the prompts (within categories) for the 95 % intervals of
+    # separation by layer (0: none); the seed of both and of the holdout split.
+    n_permutations: int = 200
     n_bootstrap: int = 1000
+    seed: int = 0
 
     def validate(self, categories: Sequence[str]) -> None:
         """Raise ValueError (one line) for options that cannot apply to these categories."""
