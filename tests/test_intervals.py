@@ -56,3 +56,29 @@ def test_separation_intervals_bracket_the_reading():
         assert np.all(result[name] <= result[f"{name}_high"] + 1e-12)
     assert result["n_bootstrap"] == 500
     assert "silhouette_low" not in separation_by_layer(states, categories, n_permutations=0)
+
+
+def test_axis_intervals_per_category_in_the_tables(tmp_path):
+    from tokentrail.analysis.pipeline import AnalysisOptions, analyze_states
+    from tokentrail.metrics import write_metrics
+
+    rng = np.random.default_rng(7)
+    categories = ["story"] * 6 + ["middle"] * 5 + ["code"] * 6
+    states = rng.normal(size=(len(categories), 3, 8))
+    result = analyze_states(states, None, categories, AnalysisOptions(axis=("story", "code"), n_permutations=0,
+                                                                      n_bootstrap=400))
+    labels = np.asarray(categories)
+    for name in ("story", "middle", "code"):
+        count, mean, low, high = result.axis_intervals[name]
+        scores = result.axis_score[labels == name]
+        assert count == len(scores)
+        np.testing.assert_allclose(mean, scores.mean(axis=0))  # by hand
+        assert np.all(low <= mean + 1e-12) and np.all(mean <= high + 1e-12) and np.all(high > low)
+    write_metrics(result, [f"p{i}" for i in range(len(categories))], categories, tmp_path)
+    rows = (tmp_path / "metrics" / "axis_intervals.csv").read_text().splitlines()
+    assert rows[0] == "category,layer,prompts,mean,low,high" and len(rows) == 1 + 3 * 3
+    assert set(result.summary["axis_score_last_layer_interval_by_category"]) == {"story", "middle", "code"}
+    # Without resamples there are no intervals, and no table.
+    plain = analyze_states(states, None, categories, AnalysisOptions(axis=("story", "code"), n_permutations=0,
+                                                                     n_bootstrap=0))
+    assert plain.axis_intervals is None

@@ -17,6 +17,7 @@ Tables (long format, one row per prompt x layer unless said otherwise):
   bifurcation.csv         per prompt: bifurcation_layer (-1 = never), toward
   divergence.csv          per pair of prompts (a before b): layer of fastest divergence (-1 = never)
   axis_score.csv          axis_a, axis_b, score (0 at A's centroid, 1 at B's)
+  axis_intervals.csv      per category x layer: prompts, mean axis score, its 95 % bootstrap interval (low, high)
   transport.csv           token_cosine, wasserstein_to_next (empty at the last layer)
 """
 
@@ -48,6 +49,7 @@ TABLES = (
     "bifurcation.csv",
     "divergence.csv",
     "axis_score.csv",
+    "axis_intervals.csv",
     "transport.csv",
 )
 
@@ -196,6 +198,13 @@ def metric_tables(result: AnalysisResult, prompt_ids: list[str], categories: lis
         tables["axis_score.csv"] = (header, [
             [prompt_ids[p], categories[p], layer, axis_a, axis_b, scores[p, layer], *roles[p]]
             for p in range(n_prompts) for layer in range(scores.shape[1])])
+    intervals = getattr(result, "axis_intervals", None)
+    if intervals:
+        tables["axis_intervals.csv"] = (
+            ["category", "layer", "prompts", "mean", "low", "high"],
+            [[name, layer, count, mean[layer], low[layer], high[layer]]
+             for name, (count, mean, low, high) in intervals.items() for layer in range(len(mean))],
+        )
     if result.wasserstein is not None and result.token_cosine is not None:
         wasserstein = np.asarray(result.wasserstein)
         token_cosine = np.asarray(result.token_cosine)

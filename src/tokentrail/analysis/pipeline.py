@@ -22,6 +22,7 @@ import numpy as np
 
 from tokentrail.analysis.bifurcation import bifurcation_layers, divergence_layers
 from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
+from tokentrail.analysis.intervals import stratified_bootstrap_mean
 from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
 from tokentrail.analysis.separation import (
     axis_score,
@@ -116,6 +117,9 @@ class AnalysisResult:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     axis_fit: np.ndarray | None = None  # [prompts] with --holdout: True where a prompt fitted the axis
+    # category -> (prompts, mean [L+1], low [L+1], high [L+1]): each category's mean axis score by layer and its
+    # 95 % bootstrap interval over the category's scored prompts (none when n_bootstrap is 0)
+    axis_intervals: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
 
 
 def default_axis(categories: Sequence[str]) -> tuple[str, str] | None:
@@ -280,6 +284,9 @@ def _summary(
                                        c in (result.axis or ()) for c in categories) - result.axis_fit.sum())}
     if result.axis_score is not None:
         summary["axis_score_last_layer_by_category"] = _per_category_mean(result.axis_score[:, -1], categories)
+    if result.axis_intervals:
+        summary["axis_score_last_layer_interval_by_category"] = {
+            name: [float(low[-1]), float(high[-1])] for name, (_, _, low, high) in result.axis_intervals.items()}
     if result.wasserstein is not None and result.token_cosine is not None:
         finite_w2 = np.where(np.isfinite(result.wasserstein), result.wasserstein, 0.0)
         summary["transport"] = {
@@ -348,6 +355,23 @@ def fit_projections(states: np.ndarray, final_states: np.ndarray | None, categor
     )
 
 
+def _axis_intervals(scores: np.ndarray, categories: Sequence[str],
+                    options: AnalysisOptions) -> dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None:
+    """Each category's mean axis score by layer with its bootstrap interval, over the prompts that have a score
+    (with --holdout, the fitting prompts have none); categories with fewer than 2 such prompts are left out."""
+    if not options.n_bootstrap:
+        return None
+    labels = np.asarray(list(categories), dtype=object)
+    intervals = {}
+    for name in dict.fromkeys(categories):
+        rows = scores[(labels == name) & np.isfinite(scores).all(axis=1)]
+        if len(rows) >= 2:
+            low, high = stratified_bootstrap_mean(rows, [name] * len(rows), n_boot=options.n_bootstrap,
+                                                  seed=options.seed)
+            intervals[name] = (len(rows), rows.mean(axis=0), low, high)
+    return intervals
+
+
 def analyze_states(
     states: np.ndarray,
     final_states: np.ndarray | None,
@@ -397,6 +421,7 @@ def analyze_states(
         scores[axis_fit] = np.nan  # the prompts that defined the axis get no reading on it
     elif axis is not None:
         scores = axis_score(values, categories, axis[0], axis[1])
+    axis_intervals = _axis_intervals(scores, categories, options) if scores is not None else None
     if axis is None and len(set(categories)) >= 2:
         warnings.append("no axis score: no category names mark natural vs formal language; choose an axis")
 
@@ -423,6 +448,7 @@ def analyze_states(
         axis=axis,
         axis_score=scores,
         axis_fit=axis_fit,
+        axis_intervals=axis_intervals,
         bifurcation_layer=bifurcation_layer,
         bifurcation_toward=bifurcation_toward,
         divergence_layer=divergence_layers(values),
