@@ -14,6 +14,7 @@ refused at once with `ExploreBusy`, so a burst of requests never piles up unboun
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -211,11 +212,13 @@ class ExploreSession:
     def vector_files(self) -> list[str]:
         """Steering vector files inside the run directory (not in its store), as paths relative to it."""
         found = []
-        for path in sorted(self.run_dir.rglob("*")):
-            relative = path.relative_to(self.run_dir)
-            if path.suffix in VECTOR_SUFFIXES and path.is_file() and relative.parts[0] != "store":
-                found.append(relative.as_posix())
-        return found
+        # /api/info asks on every poll: the store (thousands of shards in a large run) is never walked.
+        for folder, subfolders, names in os.walk(self.run_dir):
+            if Path(folder) == self.run_dir and "store" in subfolders:
+                subfolders.remove("store")
+            found.extend((Path(folder) / name).relative_to(self.run_dir).as_posix() for name in names
+                         if Path(name).suffix in VECTOR_SUFFIXES and (Path(folder) / name).is_file())
+        return sorted(found)
 
     # --- the model --------------------------------------------------------------------------------------------
 

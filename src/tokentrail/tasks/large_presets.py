@@ -25,13 +25,13 @@ import itertools
 import random
 import re
 import sys
-import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokentrail.tasks.arithmetic import generate_problems
+from tokentrail.tasks.pseudo_sentences import stdlib_files
 
 __all__ = ["FORTUNES", "LICENCES", "LargePrompt", "build_large_presets", "preset_documents"]
 
@@ -56,19 +56,10 @@ class LargePrompt:
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages"}
-    files = [p for p in sorted(root.glob("*.py")) if not p.name.startswith("_")]
-    for package in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in skip and not p.name.startswith("_")):
-        files.extend(sorted(package.rglob("*.py")))
-    return files
-
-
 def _stdlib_code_and_text() -> tuple[list[str], list[str]]:
     """(code prefixes, docstring and comment prefixes) from the standard library, in file order."""
     code, text = [], []
-    for path in _stdlib_files():
+    for path in stdlib_files():
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source)

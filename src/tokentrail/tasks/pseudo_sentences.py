@@ -21,19 +21,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CATEGORY", "PseudoSentences", "pseudo_sentences"]
+__all__ = ["CATEGORY", "PseudoSentences", "pseudo_sentences", "stdlib_files"]
 
 CATEGORY = "stdlib-prose"
 _MARKUP = re.compile(r"^\s*(>>>|\.\.\.|\.\. |:[a-z]+:|[-=~^*#]{3,})")
 
 
-def _library_files() -> list[Path]:
+# Packages whose text is not the library's own prose or code: tests, the IDE, tools, bundled wheels.
+_SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages"}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's public source files in a fixed order: its top-level modules by name, then each
+    folder's files (private ones and `_SKIPPED_PACKAGES` left out). Shared by the pseudo-sentences and the large
+    presets."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [path for path in sorted(root.glob("*.py")) if not path.name.startswith("_")]
-    for package in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
-        if package.name in ("test", "idlelib", "lib2to3", "tkinter", "turtledemo") or package.name.startswith("_"):
-            continue
-        files.extend(sorted(package.rglob("*.py")))
+    for package in sorted(p for p in root.iterdir() if p.is_dir()):
+        if package.name not in _SKIPPED_PACKAGES and not package.name.startswith("_"):
+            files.extend(sorted(package.rglob("*.py")))
     return files
 
 
@@ -75,7 +81,7 @@ def pseudo_sentences(count: int = 500, words: int = 30) -> PseudoSentences:
         raise ValueError(f"a pseudo-sentence needs at least 2 words, got {words}")
     chunks: list[str] = []
     buffer: list[str] = []
-    for path in _library_files():
+    for path in stdlib_files():
         for docstring in _docstrings(path):
             buffer.extend(_prose(docstring).split())
             while len(buffer) >= words and len(chunks) < count:
