@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SECTIONS = ("throughput", "memory", "load", "rerun", "projection", "store", "dtype", "gpu", "steer", "explore",
-            "physics")
+            "physics", "large")
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 GiB = 1 << 30
@@ -456,6 +456,44 @@ def physics(args) -> dict[str, Any]:
                     "includes starting Python and loading the model"}
 
 
+def _timed_cli(*command: str) -> dict[str, float]:
+    """Run `tokentrail COMMAND` in a fresh process: its wall seconds and its own peak RSS (from wait4, so the
+    figure is this child's, not the largest of every child so far)."""
+    entry = "import sys; from tokentrail.cli import main; sys.exit(main(sys.argv[1:]))"
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", entry, *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"tokentrail {' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def large(args) -> dict[str, Any]:
+    """The large presets (issue 20): `tokentrail trace` of each on each of --large-models (defaults, batch auto,
+    self-check on), then `tokentrail analyze --holdout` with the default 1,000 permutations and 1,000 bootstrap
+    resamples; one run each (they take minutes), each in a fresh process. --quick: the seed presets instead."""
+    found: dict[str, Any] = {}
+    presets = ("seed-spectrum", "seed-categories") if args.quick else ("spectrum-large", "categories-large")
+    for model in args.large_models.split(","):
+        for preset in presets:
+            with tempfile.TemporaryDirectory(prefix="tokentrail-bench-large-") as tmp:
+                run_dir = str(Path(tmp) / "run")
+                log(f"large: trace --preset {preset} --model {model}")
+                traced = _timed_cli("trace", "--preset", preset, "--model", model, "--batch-size", "auto",
+                                    "--out", run_dir, "--quiet")
+                log(f"large: analyze --holdout ({preset}, {model})")
+                analysed = _timed_cli("analyze", run_dir, "--holdout")
+                summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+                found[f"{model}/{preset}"] = {"prompts": summary["n_prompts"], "trace": traced,
+                                              "analyze": analysed,
+                                              "n_permutations": summary["options"]["n_permutations"],
+                                              "n_bootstrap": summary["options"]["n_bootstrap"]}
+    return found
+
+
 def projection(args) -> dict[str, Any]:
     log(f"projection: {args.projection_prompts} prompts x 31 x 576, streamed, fresh process")
     out = child("projection", "--prompts", str(args.projection_prompts), "--batch", str(args.projection_batch))
@@ -708,6 +746,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "other": f"energy {_fmt_ms(ph['energy_per_prompt_s'])}/prompt, expansion "
                               f"{_fmt_ms(ph['expansion_per_prompt_s'])}/prompt",
                      "ratio": None, "target": "(reported)", "met": None, "note": parts})
+    for key, lg in (results.get("large") or {}).items():
+        model, preset = key.split("/")
+        rows.append({"figure": f"`tokentrail trace --preset {preset}` ({lg['prompts']:,} prompts, {model})",
+                     "tokentrail": _fmt_s(lg["trace"]["seconds"]), "other": _fmt_b(lg["trace"]["peak_rss_bytes"]),
+                     "ratio": None, "target": "minutes, not hours", "met": lg["trace"]["seconds"] < 3600,
+                     "note": "batch auto, self-check on, logit lens on; one run"})
+        rows.append({"figure": f"`tokentrail analyze --holdout` on it ({lg['n_permutations']:,} permutations, "
+                               f"{lg['n_bootstrap']:,} resamples)",
+                     "tokentrail": _fmt_s(lg["analyze"]["seconds"]), "other": _fmt_b(lg["analyze"]["peak_rss_bytes"]),
+                     "ratio": None, "target": "minutes, not hours", "met": lg["analyze"]["seconds"] < 3600,
+                     "note": "every table with its intervals; one run"})
     if "duration_s" in results:
         rows.append({"figure": "whole benchmark", "tokentrail": _fmt_s(results["duration_s"]), "other": "",
                      "ratio": None, "target": "< 20 min", "met": results["duration_s"] < 1200})
@@ -756,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48, help="longest prompt in the throughput section")
     parser.add_argument("--batch-size", type=lambda v: None if v == "auto" else int(v), default=16,
                         help="tokentrail's batch size, or auto (default 16, the CLI's default)")
+    parser.add_argument("--large-models", default="default",
+                        help="models for the large-preset section, comma-separated (default: the embedded one)")
     parser.add_argument("--memory-prompts", type=int, default=None)
     parser.add_argument("--memory-tokens", type=int, default=None)
     parser.add_argument("--projection-prompts", type=int, default=None)

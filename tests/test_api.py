@@ -75,6 +75,7 @@ def test_figures_and_report(run_dir):
     figures = run.figures(run.analyze(n_components=3, n_permutations=9))
     assert isinstance(figures["trajectories_2d"], go.Figure) and isinstance(figures["trajectories_3d"], go.Figure)
     assert isinstance(figures["separation"], matplotlib.figure.Figure)
+    assert isinstance(figures["intervals"], matplotlib.figure.Figure)
     assert len(figures["trajectories_2d"].data) >= 6  # a trace per prompt at least
     path = run.report()
     assert path == run_dir / "report.html" and "Once upon a time" in path.read_text(encoding="utf-8")

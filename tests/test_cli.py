@@ -86,12 +86,17 @@ def test_default_run_on_the_embedded_model(tmp_path):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert 0 <= summary["best_separation_layer"] <= 30 and 0 < summary["best_p_value"] <= 1
     assert f"best category separation at layer {summary['best_separation_layer']}" in result.stdout.replace("\n", " ")
-    for name in ("projection", "separation", "bifurcation", "dynamics"):
+    for name in ("projection", "separation", "bifurcation", "dynamics", "axis_intervals", "category_separation",
+                 "bifurcation_intervals", "components"):
         assert (out_dir / "metrics" / f"{name}.csv").stat().st_size > 0
     for name in ("trajectories.png", "trajectories.svg", "depth.png", "thought_evolution.gif",
-                 "trajectories_2d.html", "logit_lens.png"):
+                 "trajectories_2d.html", "logit_lens.png", "intervals.png"):
         assert (out_dir / "figures" / name).stat().st_size > 0
-    assert "<h1" in (out_dir / "report.html").read_text()
+    report = (out_dir / "report.html").read_text()
+    assert "<h1" in report
+    # The intervals reach the page: the category order along the axis and the bifurcation table.
+    assert "Order of the categories along the axis at layer 30" in report
+    assert "Bifurcation by category (95 % intervals)" in report
     metrics_before = {p.name: p.read_bytes() for p in (out_dir / "metrics").iterdir()}
     again = tokentrail("run", "-q", cwd=tmp_path, check=True)
     assert "traced 0 prompt(s) in 0 forward pass(es), 25 read back" in again.stderr

@@ -77,3 +77,19 @@ def test_analyze_holdout_from_the_command_line(tmp_path, tiny_model_dir):
     assert run["analysis"]["holdout"] is True
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["axis_holdout"]["fitted_on"] == 4
+
+
+def test_bootstrap_option_from_the_command_line(tmp_path, tiny_model_dir, capsys):
+    prompts = ("# story\nOnce upon a time\nThe sun set\nAll men are mortal.\n"
+               "# code\ndef fibonacci(n):\nimport numpy as np\nprint(n)\n")
+    run_dir = traced_run(tmp_path, tiny_model_dir, prompts)
+    capsys.readouterr()
+    assert cli.main(["analyze", str(run_dir), "--bootstrap", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --bootstrap must be 0 (no intervals) or more resamples, got -1"
+    assert cli.main(["analyze", str(run_dir), "--permutations", "9", "--bootstrap", "50"]) == 0
+    assert (run_dir / "metrics" / "components.csv").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["options"]["n_bootstrap"] == 50 and summary["p_value_floor"] == 0.1
+    assert cli.main(["analyze", str(run_dir), "--bootstrap", "0"]) == 0
+    assert not (run_dir / "metrics" / "components.csv").exists()
+    assert "silhouette_low" not in (run_dir / "metrics" / "separation.csv").read_text()

@@ -68,16 +68,21 @@ def test_axis_intervals_per_category_in_the_tables(tmp_path):
     result = analyze_states(states, None, categories, AnalysisOptions(axis=("story", "code"), n_permutations=0,
                                                                       n_bootstrap=400))
     labels = np.asarray(categories)
-    for name in ("story", "middle", "code"):
-        count, mean, low, high = result.axis_intervals[name]
+    found = result.axis_intervals
+    assert found.names == ["story", "middle", "code"]
+    for index, name in enumerate(found.names):
         scores = result.axis_score[labels == name]
-        assert count == len(scores)
-        np.testing.assert_allclose(mean, scores.mean(axis=0))  # by hand
+        assert found.counts[index] == len(scores)
+        np.testing.assert_allclose(found.mean[index], scores.mean(axis=0))  # by hand
+        low, high, mean = found.low[index], found.high[index], found.mean[index]
         assert np.all(low <= mean + 1e-12) and np.all(mean <= high + 1e-12) and np.all(high > low)
     write_metrics(result, [f"p{i}" for i in range(len(categories))], categories, tmp_path)
     rows = (tmp_path / "metrics" / "axis_intervals.csv").read_text().splitlines()
-    assert rows[0] == "category,layer,prompts,mean,low,high" and len(rows) == 1 + 3 * 3
+    assert rows[0] == ("category,layer,prompts,mean,low,high,rank,rank_low,rank_high,next_category,order_holds")
+    assert len(rows) == 1 + 3 * 3
     assert set(result.summary["axis_score_last_layer_interval_by_category"]) == {"story", "middle", "code"}
+    order = [row["category"] for row in result.summary["axis_order_last_layer"]]
+    assert order == sorted(found.names, key=lambda n: result.axis_score[labels == n, -1].mean())
     # Without resamples there are no intervals, and no table.
     plain = analyze_states(states, None, categories, AnalysisOptions(axis=("story", "code"), n_permutations=0,
                                                                      n_bootstrap=0))

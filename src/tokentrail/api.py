@@ -93,7 +93,8 @@ class Run:
     def analyze(self, **options: Any) -> AnalysisResult:
         """The analysis with the run's saved options and `options` on top (the names of
         `tokentrail.analysis.AnalysisOptions`: layers, include_final, n_components, normalize, center, fit_on,
-        axis, sustain, knn_k, n_permutations, seed). Nothing is written; `tokentrail analyze` writes the tables."""
+        axis, holdout, sustain, knn_k, n_permutations, n_bootstrap, seed). Nothing is written; `tokentrail
+        analyze` writes the tables."""
         from tokentrail.analysis.pipeline import AnalysisOptions, analyze_states
         from tokentrail.runs import analysis_options, check_analysable
 
@@ -124,8 +125,8 @@ class Run:
 
     def figures(self, result: AnalysisResult | None = None) -> dict[str, Any]:
         """The run's figures as objects a notebook shows inline: `trajectories_2d` and `trajectories_3d` (plotly,
-        interactive), `trajectories`, `depth`, `dynamics`, `separation` and `logit_lens` (matplotlib; the last
-        two only when the run has them). Nothing is written."""
+        interactive), `trajectories`, `depth`, `dynamics`, `separation`, `intervals` and `logit_lens`
+        (matplotlib; the last three only when the run has them). Nothing is written."""
         from tokentrail.runs import figure_meta
         from tokentrail.viz import interactive, static
 
@@ -140,6 +141,7 @@ class Run:
                 "depth": static.draw_depth(result, meta),
                 "dynamics": static.draw_dynamics(result, meta),
                 "separation": static.draw_separation(result, meta),
+                "intervals": static.draw_intervals(result, meta),
                 "logit_lens": static.draw_logit_lens(meta),
             }
         figures.update({name: figure for name, figure in drawn.items() if figure is not None})

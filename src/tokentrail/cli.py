@@ -79,6 +79,8 @@ FitOnOpt = Annotated[str | None, typer.Option("--fit-on", help="Comma-separated 
 AxisOpt = Annotated[str | None, typer.Option("--axis", help="Two categories A,B: axis score 0 at A, 1 at B.")]
 SustainOpt = Annotated[int | None, typer.Option("--sustain", help="Layers a prompt must stay outside its category.")]
 PermOpt = Annotated[int | None, typer.Option("--permutations", help="Label permutations for p-values (at least 1).")]
+BootstrapOpt = Annotated[int | None, typer.Option(
+    "--bootstrap", help="Resamples of the prompts (within categories) for the 95 % intervals; 0: none.")]
 HoldoutOpt = Annotated[bool | None, typer.Option(
     "--holdout/--no-holdout", help="Fit the axis on a seeded half of each axis category and score the other half.")]
 FpsOpt = Annotated[float, typer.Option("--fps", help="Frames per second of the layer-by-layer GIF.")]
@@ -169,6 +171,12 @@ def _permutations(value: int | None, option: str = "--permutations") -> int | No
     return value
 
 
+def _bootstrap(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise TokentrailError(f"--bootstrap must be 0 (no intervals) or more resamples, got {value}")
+    return value
+
+
 def _options_from(declared: Callable[..., None], into: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """A decorator: the command's parameter `into` becomes the options `declared` lists, in its place, and the
     command receives them as one dict under that name. Commands that share a group of options declare it once."""
@@ -213,7 +221,7 @@ def _trace_options(prompts_file: PromptsFile = None, preset: PresetOpt = None, l
 def _analysis_option_list(layers: LayersOpt = None, include_final: FinalOpt = None, components: ComponentsOpt = None,
                           normalize: NormalizeOpt = None, center: CenterOpt = None, fit_on: FitOnOpt = None,
                           axis: AxisOpt = None, sustain: SustainOpt = None, permutations: PermOpt = None,
-                          holdout: HoldoutOpt = None) -> None:
+                          bootstrap: BootstrapOpt = None, holdout: HoldoutOpt = None) -> None:
     """The options `analyze` and `run` share, declared once (see `_options_from`)."""
 
 
@@ -309,7 +317,7 @@ def _analysis_options(run_dir: Path, categories: list[str] | None, analysed: dic
     options = analysis_options(
         run, layers=o.layers, include_final=o.include_final, n_components=_components(o.components),
         normalize=o.normalize, center=o.center, fit_on=_split(o.fit_on), axis=axis_pair, sustain=o.sustain,
-        n_permutations=_permutations(o.permutations), holdout=o.holdout,
+        n_permutations=_permutations(o.permutations), n_bootstrap=_bootstrap(o.bootstrap), holdout=o.holdout,
     )
     if categories is not None:
         try:
@@ -328,10 +336,16 @@ def _analysis(run_dir: Path, options, computed=None):
         err.print(warning_text(warning))
     best = summary.get("best_separation_layer")
     if best is not None:
+        interval = summary.get("best_silhouette_interval")
+        shown = f" (95 % interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
+        # At the floor no shuffle reached the observed value: the p-value is a bound, said as one.
+        p_text = (f"p <= {summary['best_p_value']:.4f}, the smallest {summary['options']['n_permutations']} "
+                  "permutations can give" if summary.get("best_p_value_at_floor")
+                  else f"p = {summary['best_p_value']:.4f}")
         out.print(
-            f"best category separation at layer {best}: silhouette {summary['best_silhouette']:.3f}, "
+            f"best category separation at layer {best}: silhouette {summary['best_silhouette']:.3f}{shown}, "
             f"kNN accuracy {summary['best_knn_accuracy']:.2f} (chance {summary['chance']:.2f}), "
-            f"permutation p = {summary['best_p_value']:.4f}"
+            f"permutation {p_text}"
         )
     evr = ", ".join(f"{v:.3f}" for v in summary["explained_variance_ratio"])
     out.print(f"explained variance ratio: {evr}")

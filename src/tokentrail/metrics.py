@@ -13,11 +13,19 @@ Tables (long format, one row per prompt x layer unless said otherwise):
                           first step)
   trajectory.csv          per prompt: arc_length, total_curvature
   projected_dynamics.csv  per prompt x projected step: speed, velocity_pc2_pc1[, heading]
-  separation.csv          per layer: silhouette, knn_accuracy, p_value[, knn_p_value], chance
+  separation.csv          per layer: silhouette, knn_accuracy (each with its 95 % interval), p_value,
+                          knn_p_value, chance, p_value_floor (the smallest p the permutations can give)
+  category_separation.csv per category x layer: prompts, the category's own mean silhouette and kNN accuracy,
+                          each with its 95 % bootstrap interval
   bifurcation.csv         per prompt: bifurcation_layer (-1 = never), toward
+  bifurcation_intervals.csv per category: prompts, bifurcating, share and mean_layer with 95 % intervals
   divergence.csv          per pair of prompts (a before b): layer of fastest divergence (-1 = never)
   axis_score.csv          axis_a, axis_b, score (0 at A's centroid, 1 at B's)
-  axis_intervals.csv      per category x layer: prompts, mean axis score, its 95 % bootstrap interval (low, high)
+  axis_intervals.csv      per category x layer: prompts, mean axis score, its 95 % bootstrap interval (low, high),
+                          rank (1 = nearest axis_a) with its interval, the category ranked next and the share of
+                          resamples that keep this one below it (order_holds)
+  components.csv          per component x reading [x layer]: value with its 95 % interval (depth_spearman,
+                          category_share, axis_correlation; see analysis.component_readings)
   transport.csv           token_cosine, wasserstein_to_next (empty at the last layer)
 """
 
@@ -50,6 +58,9 @@ TABLES = (
     "divergence.csv",
     "axis_score.csv",
     "axis_intervals.csv",
+    "category_separation.csv",
+    "bifurcation_intervals.csv",
+    "components.csv",
     "transport.csv",
 )
 
@@ -143,8 +154,26 @@ def _separation_table(separation: dict[str, Any]) -> tuple[list[str], list[list[
     names = [n for n in ("silhouette", "silhouette_low", "silhouette_high", "knn_accuracy", "knn_accuracy_low",
                          "knn_accuracy_high", "p_value", "knn_p_value") if n in separation]
     columns = [np.asarray(separation[n]) for n in names]
-    header = ["layer", *names, "chance"]
-    rows = [[layer, *(c[layer] for c in columns), float(separation["chance"])] for layer in range(len(columns[0]))]
+    header = ["layer", *names, "chance", "p_value_floor"]
+    floor = separation.get("p_value_floor")
+    rows = [[layer, *(c[layer] for c in columns), float(separation["chance"]), floor]
+            for layer in range(len(columns[0]))]
+    return header, rows
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) from a list of same-keyed dicts."""
+    header = list(rows[0]) if rows else []
+    return header, [[row[key] for key in header] for row in rows]
+
+
+def _category_separation_table(by_statistic: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    silhouette, knn = by_statistic["silhouette"], by_statistic["knn_accuracy"]
+    header = ["category", "layer", "prompts", "silhouette", "silhouette_low", "silhouette_high", "knn_accuracy",
+              "knn_accuracy_low", "knn_accuracy_high"]
+    rows = [[name, layer, int(silhouette.counts[c]), silhouette.mean[c, layer], silhouette.low[c, layer],
+             silhouette.high[c, layer], knn.mean[c, layer], knn.low[c, layer], knn.high[c, layer]]
+            for c, name in enumerate(silhouette.names) for layer in range(silhouette.mean.shape[1])]
     return header, rows
 
 
@@ -198,13 +227,15 @@ def metric_tables(result: AnalysisResult, prompt_ids: list[str], categories: lis
         tables["axis_score.csv"] = (header, [
             [prompt_ids[p], categories[p], layer, axis_a, axis_b, scores[p, layer], *roles[p]]
             for p in range(n_prompts) for layer in range(scores.shape[1])])
-    intervals = getattr(result, "axis_intervals", None)
-    if intervals:
-        tables["axis_intervals.csv"] = (
-            ["category", "layer", "prompts", "mean", "low", "high"],
-            [[name, layer, count, mean[layer], low[layer], high[layer]]
-             for name, (count, mean, low, high) in intervals.items() for layer in range(len(mean))],
-        )
+    if getattr(result, "axis_intervals", None) is not None:
+        tables["axis_intervals.csv"] = _table(result.axis_intervals.rows())
+    by_statistic = getattr(result, "category_separation", None)
+    if by_statistic and all(by_statistic.values()):
+        tables["category_separation.csv"] = _category_separation_table(by_statistic)
+    if getattr(result, "bifurcation_intervals", None) is not None:
+        tables["bifurcation_intervals.csv"] = _table(result.bifurcation_intervals.rows())
+    if getattr(result, "component_readings", None):
+        tables["components.csv"] = _table(result.component_readings)
     if result.wasserstein is not None and result.token_cosine is not None:
         wasserstein = np.asarray(result.wasserstein)
         token_cosine = np.asarray(result.token_cosine)

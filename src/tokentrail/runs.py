@@ -491,6 +491,26 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 
+def _interval_tables(metrics: Path, result) -> dict[str, list[dict[str, str]]]:
+    """The report's tables of category readings with 95 % intervals, each at the layer its claim is about."""
+    from tokentrail.analysis.separation import best_separation_layer
+
+    last = str(np.asarray(result.depth_projection).shape[1] - 1)
+    last_projected = str(int(np.asarray(result.layers)[-1]))
+    best = str(best_separation_layer(result.separation)) if result.separation is not None else ""
+    order = [row for row in _csv_rows(metrics / "axis_intervals.csv") if row["layer"] == last]
+    tables = {
+        f"Order of the categories along the axis at layer {last} (rank 1 = nearest {(result.axis or ('',))[0]}; "
+        "95 % intervals)": sorted(order, key=lambda row: int(row["rank"])),
+        f"Each category's own separation at layer {best}, the best-separating one (95 % intervals)": [
+            row for row in _csv_rows(metrics / "category_separation.csv") if row["layer"] == best],
+        "Bifurcation by category (95 % intervals)": _csv_rows(metrics / "bifurcation_intervals.csv"),
+        f"What the components measure (depth over all layers; the rest at layer {last_projected}; 95 % intervals)": [
+            row for row in _csv_rows(metrics / "components.csv") if row["layer"] in ("", last_projected)],
+    }
+    return {title: rows for title, rows in tables.items() if rows}
+
+
 def _steer_section(run_dir: Path) -> dict[str, Any]:
     """The report's steering section, read from what `tokentrail steer` wrote (its `report_table` holds the
     columns the report shows)."""
@@ -534,6 +554,7 @@ def report_run(run_dir: Path, fps: float = 4, computed=None) -> Path:
     figures = make_all_figures(result, meta, run_dir, fps=fps)
     tables = {
         "Separation of categories by layer": _csv_rows(run_dir / "metrics" / "separation.csv"),
+        **_interval_tables(run_dir / "metrics", result),
         "Bifurcations (layer at which a prompt leaves its category)": _csv_rows(run_dir / "metrics" / "bifurcation.csv"),
         "Next token": [
             {"id": trace.prompt_ids[i], "category": trace.categories[i],

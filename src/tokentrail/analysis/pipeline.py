@@ -21,10 +21,18 @@ from typing import Any
 import numpy as np
 
 from tokentrail.analysis.bifurcation import bifurcation_layers, divergence_layers
+from tokentrail.analysis.category_intervals import (
+    BifurcationIntervals,
+    CategoryIntervals,
+    bifurcation_intervals,
+    category_intervals,
+)
+from tokentrail.analysis.component_readings import component_readings
 from tokentrail.analysis.dynamics import projected_dynamics, trajectory_dynamics
-from tokentrail.analysis.intervals import stratified_bootstrap_mean
+from tokentrail.analysis.intervals import DEFAULT_BOOTSTRAP
 from tokentrail.analysis.projection import CENTER_MODES, NORMALIZE_MODES, TrajectoryPCA, parse_layer_spec
 from tokentrail.analysis.separation import (
+    DEFAULT_PERMUTATIONS,
     axis_score,
     best_separation_layer,
     holdout_split,
@@ -65,10 +73,10 @@ class AnalysisOptions:
     holdout: bool = False
     sustain: int = 2
     knn_k: int = 3
-    # Label permutations for p-values; resamples of the prompts (within categories) for the 95 % intervals of
-    # separation by layer (0: none); the seed of both and of the holdout split.
-    n_permutations: int = 200
-    n_bootstrap: int = 1000
+    # Label permutations for p-values; resamples of the prompts (within categories) for the 95 % intervals
+    # (0: none); the seed of both and of the holdout split.
+    n_permutations: int = DEFAULT_PERMUTATIONS
+    n_bootstrap: int = DEFAULT_BOOTSTRAP
     seed: int = 0
 
     def validate(self, categories: Sequence[str]) -> None:
@@ -117,9 +125,13 @@ class AnalysisResult:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     axis_fit: np.ndarray | None = None  # [prompts] with --holdout: True where a prompt fitted the axis
-    # category -> (prompts, mean [L+1], low [L+1], high [L+1]): each category's mean axis score by layer and its
-    # 95 % bootstrap interval over the category's scored prompts (none when n_bootstrap is 0)
-    axis_intervals: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # The 95 % bootstrap intervals (none when n_bootstrap is 0): each category's mean axis score by layer with its
+    # rank and order; each category's own silhouette and kNN accuracy by layer ("silhouette", "knn_accuracy");
+    # each category's bifurcation share and mean layer; the component readings (analysis.component_readings).
+    axis_intervals: CategoryIntervals | None = None
+    category_separation: dict[str, CategoryIntervals] | None = None
+    bifurcation_intervals: BifurcationIntervals | None = None
+    component_readings: list[dict[str, Any]] | None = None
 
 
 def default_axis(categories: Sequence[str]) -> tuple[str, str] | None:
@@ -248,6 +260,10 @@ def _summary(
             chance=separation["chance"],
             first_significant_layer=int(significant[0]) if significant.size else None,
             knn_k=separation["k"],
+            p_value_floor=separation["p_value_floor"],
+            # At the floor no shuffle reached the observed value: the true p is at most the floor.
+            best_p_value_at_floor=bool(best >= 0 and separation["n_permutations"] > 0
+                                       and separation["p_value"][best] <= separation["p_value_floor"] + 1e-15),
         )
         if "silhouette_low" in separation and best >= 0:
             summary["best_silhouette_interval"] = [separation["silhouette_low"][best],
@@ -284,9 +300,18 @@ def _summary(
                                        c in (result.axis or ()) for c in categories) - result.axis_fit.sum())}
     if result.axis_score is not None:
         summary["axis_score_last_layer_by_category"] = _per_category_mean(result.axis_score[:, -1], categories)
-    if result.axis_intervals:
-        summary["axis_score_last_layer_interval_by_category"] = {
-            name: [float(low[-1]), float(high[-1])] for name, (_, _, low, high) in result.axis_intervals.items()}
+    if result.axis_intervals is not None:
+        last = result.axis_intervals.at_layer(-1)
+        summary["axis_score_last_layer_interval_by_category"] = {name: row["interval"] for name, row in last.items()}
+        summary["axis_order_last_layer"] = _order(result.axis_intervals, -1)
+    if result.bifurcation_intervals is not None:
+        found = result.bifurcation_intervals
+        for index, name in enumerate(found.names):
+            summary["bifurcation"]["by_category"][name].update(
+                share_interval=[found.share_low[index], found.share_high[index]],
+                mean_layer_interval=[found.mean_layer_low[index], found.mean_layer_high[index]])
+    if result.component_readings:
+        summary["components"] = _component_summary(result.component_readings)
     if result.wasserstein is not None and result.token_cosine is not None:
         finite_w2 = np.where(np.isfinite(result.wasserstein), result.wasserstein, 0.0)
         summary["transport"] = {
@@ -296,6 +321,25 @@ def _summary(
         }
     summary["warnings"] = list(result.warnings)
     return json_ready(summary)
+
+
+def _order(intervals: CategoryIntervals, layer: int) -> list[dict[str, Any]]:
+    """The categories from lowest to highest mean at `layer`, each with the share of resamples that keep it
+    below the next one."""
+    order = np.argsort(intervals.mean[:, layer], kind="stable")
+    return [{"category": intervals.names[c], "mean": intervals.mean[c, layer],
+             "rank_interval": [int(intervals.rank_low[c, layer]), int(intervals.rank_high[c, layer])],
+             "below_next_in_resamples": intervals.order_holds[c, layer]} for c in order]
+
+
+def _component_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """component -> its depth reading, and its per-layer readings at the last layer they cover: [value, low,
+    high] each."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = row["reading"] if row["layer"] is None else f"{row['reading']}_last_layer"
+        summary.setdefault(str(row["component"]), {})[key] = [row["value"], row["low"], row["high"]]
+    return summary
 
 
 def projection_layers(options: AnalysisOptions, n_layers: int) -> np.ndarray:
@@ -355,23 +399,6 @@ def fit_projections(states: np.ndarray, final_states: np.ndarray | None, categor
     )
 
 
-def _axis_intervals(scores: np.ndarray, categories: Sequence[str],
-                    options: AnalysisOptions) -> dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None:
-    """Each category's mean axis score by layer with its bootstrap interval, over the prompts that have a score
-    (with --holdout, the fitting prompts have none); categories with fewer than 2 such prompts are left out."""
-    if not options.n_bootstrap:
-        return None
-    labels = np.asarray(list(categories), dtype=object)
-    intervals = {}
-    for name in dict.fromkeys(categories):
-        rows = scores[(labels == name) & np.isfinite(scores).all(axis=1)]
-        if len(rows) >= 2:
-            low, high = stratified_bootstrap_mean(rows, [name] * len(rows), n_boot=options.n_bootstrap,
-                                                  seed=options.seed)
-            intervals[name] = (len(rows), rows.mean(axis=0), low, high)
-    return intervals
-
-
 def analyze_states(
     states: np.ndarray,
     final_states: np.ndarray | None,
@@ -421,7 +448,6 @@ def analyze_states(
         scores[axis_fit] = np.nan  # the prompts that defined the axis get no reading on it
     elif axis is not None:
         scores = axis_score(values, categories, axis[0], axis[1])
-    axis_intervals = _axis_intervals(scores, categories, options) if scores is not None else None
     if axis is None and len(set(categories)) >= 2:
         warnings.append("no axis score: no category names mark natural vs formal language; choose an axis")
 
@@ -431,6 +457,19 @@ def analyze_states(
         warnings.append(f"prompts alone in their category cannot bifurcate: {', '.join(lone)}")
     if len(set(categories)) < 2:
         warnings.append("bifurcations need at least 2 categories; none were detected")
+
+    bootstrap = {"n_boot": options.n_bootstrap, "seed": options.seed}
+    axis_intervals = category_separation = found_intervals = readings = None
+    if options.n_bootstrap:
+        if scores is not None:
+            axis_intervals = category_intervals(scores, categories, **bootstrap)
+        if separation is not None:
+            category_separation = {
+                "silhouette": category_intervals(separation["silhouette_by_prompt"], categories, **bootstrap),
+                "knn_accuracy": category_intervals(separation["knn_hit_by_prompt"], categories, **bootstrap)}
+        found_intervals = bifurcation_intervals(bifurcation_layer, categories, **bootstrap)
+        if n_prompts >= 2:
+            readings = component_readings(projection, layers, categories, scores, **bootstrap)
 
     wasserstein = token_cosine = None
     if token_states is not None:
@@ -449,6 +488,9 @@ def analyze_states(
         axis_score=scores,
         axis_fit=axis_fit,
         axis_intervals=axis_intervals,
+        category_separation=category_separation,
+        bifurcation_intervals=found_intervals,
+        component_readings=readings,
         bifurcation_layer=bifurcation_layer,
         bifurcation_toward=bifurcation_toward,
         divergence_layer=divergence_layers(values),

@@ -8,7 +8,10 @@ Per layer, on cosine distances between the prompts' states:
   does;
 * permutation tests: the labels are shuffled `n_permutations` times (the same seeded shuffles at every layer)
   and p = (1 + #{shuffled statistic >= observed}) / (1 + n_permutations). `p_value` tests the silhouette (a
-  continuous statistic, so fewer ties than accuracy); `knn_p_value` tests the kNN accuracy;
+  continuous statistic, so fewer ties than accuracy); `knn_p_value` tests the kNN accuracy. The smallest p a test
+  can give is its floor, 1 / (1 + n_permutations): a p at the floor means no shuffle reached the observed value,
+  and the true p is at most that. The default 1,000 shuffles put the floor (0.001) below 0.05 / 31, so a reading
+  survives a Bonferroni correction over a 30-block model's layers;
 * chance: the fraction of the largest category, what always guessing it would score.
 
 Both statistics are computed here in vectorised form so that hundreds of permutations cost little; the tests
@@ -26,6 +29,7 @@ from tokentrail.analysis.intervals import stratified_bootstrap_mean
 
 # Shuffled statistics that equal the observed one up to rounding must count as ">=".
 _TIE_TOLERANCE = 1e-12
+DEFAULT_PERMUTATIONS = 1000
 
 
 def _check_categories(categories: Sequence[str], n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,15 +102,17 @@ def separation_by_layer(
     states: np.ndarray,
     categories: Sequence[str],
     k: int = 3,
-    n_permutations: int = 200,
+    n_permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
     n_bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Category separation at every layer of `states [prompts, n_layers, hidden]` (cosine metric).
 
     Returns `silhouette`, `knn_accuracy`, `p_value` (silhouette permutation test), `knn_p_value` (each
-    `[n_layers]`), `chance` (float), `k` (the k actually used: at most prompts - 1) and `n_permutations`. With
-    `n_bootstrap`, also 95 % intervals over prompts resampled within categories (`analysis.intervals`):
+    `[n_layers]`), `chance` (float), `k` (the k actually used: at most prompts - 1), `n_permutations`,
+    `p_value_floor` (the smallest p the shuffles can give; nan without shuffles), and each prompt's own
+    `silhouette_by_prompt` and `knn_hit_by_prompt` (`[prompts, n_layers]`, whose means are the two statistics).
+    With `n_bootstrap`, also 95 % intervals over prompts resampled within categories (`analysis.intervals`):
     `silhouette_low`, `silhouette_high`, `knn_accuracy_low`, `knn_accuracy_high`.
     """
     values = np.asarray(states, dtype=np.float64)
@@ -153,7 +159,10 @@ def separation_by_layer(
         "chance": float(counts.max() / n_prompts),
         "k": k_used,
         "n_permutations": int(n_permutations),
+        "p_value_floor": 1.0 / (1 + n_permutations) if n_permutations else float("nan"),
         "n_bootstrap": int(n_bootstrap),
+        "silhouette_by_prompt": per_prompt["silhouette"],
+        "knn_hit_by_prompt": per_prompt["knn_accuracy"],
     }
     if n_bootstrap:
         for name, values in per_prompt.items():

@@ -162,6 +162,7 @@ def make_all_figures(result: Any, meta: FigureMeta, out_dir: Path, fps: float = 
         "depth": static.plot_depth(result, meta, fig_dir / "depth"),
         "dynamics": static.plot_dynamics(result, meta, fig_dir / "dynamics"),
         "separation": static.plot_separation(result, meta, fig_dir / "separation"),
+        "intervals": static.plot_intervals(result, meta, fig_dir / "intervals"),
         "logit_lens": static.plot_logit_lens(meta, fig_dir / "logit_lens"),
         "trajectories_2d": [
             interactive.trajectories_html(result, meta, fig_dir / "trajectories_2d.html", dims=2)

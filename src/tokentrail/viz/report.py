@@ -73,8 +73,9 @@ FIGURE_INFO: dict[str, tuple[str, str, str]] = {
         "dynamics",
         "Dynamics by layer",
         (
-            "Per category: mean (line) and ±1 standard deviation (band) of each quantity by layer; per-prompt "
-            "scalars as dots with the category mean as a bar."
+            "Per category: mean (line) and ±1 standard deviation (band) of each quantity by layer (the axis "
+            "score's band is the 95 % bootstrap interval of the mean); per-prompt scalars as dots with the "
+            "category mean as a bar."
         ),
     ),
     "separation": (
@@ -82,7 +83,19 @@ FIGURE_INFO: dict[str, tuple[str, str, str]] = {
         "Category separation by layer",
         (
             "Silhouette of the categories and leave-one-out kNN accuracy at each layer; filled points are "
-            "significant in the permutation test, the dashed line is chance."
+            "significant in the permutation test, the dashed line is chance; bands are 95 % bootstrap intervals "
+            "over prompts resampled within categories."
+        ),
+    ),
+    "intervals": (
+        "dynamics",
+        "Category readings with intervals",
+        (
+            "Each category's place along the axis at the last layer (with the range of ranks it takes in 95 % "
+            "of resamples), its own kNN accuracy at the best-separating layer, the share of its prompts that "
+            "bifurcate, and what share of each principal component's variance lies between categories, layer "
+            "by layer. Dots and lines are the readings; bars and bands their 95 % bootstrap intervals over "
+            "prompts resampled within categories."
         ),
     ),
     "logit_lens": (

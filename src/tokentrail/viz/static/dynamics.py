@@ -36,6 +36,9 @@ class Panel:
     overall: bool = False
     spans: list[tuple[float, float]] | None = None
     span_label: str = ""
+    # category -> (low [T], high [T]): draw this interval of the category mean as its band instead of the
+    # +-1 s.d. spread of its prompts (the title must say so).
+    bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _overall_line(ax: Axes, panel: Panel) -> None:
@@ -63,7 +66,10 @@ def _per_category_band(ax: Axes, panel: Panel, meta: FigureMeta, styles: dict[st
                 continue
             mean = np.nanmean(rows, axis=0)
             ax.plot(panel.xs, mean, color=s.color, linestyle=s.linestyle, linewidth=1.8, gid=f"mean-{cat}")
-            if rows.shape[0] > 1:
+            if panel.bands is not None and cat in panel.bands:
+                low, high = panel.bands[cat]
+                ax.fill_between(panel.xs, low, high, color=s.color, alpha=0.15, linewidth=0, gid=f"interval-{cat}")
+            elif panel.bands is None and rows.shape[0] > 1:
                 spread = np.nanstd(rows, axis=0)
                 ax.fill_between(
                     panel.xs, mean - spread, mean + spread, color=s.color, alpha=0.15, linewidth=0
@@ -106,7 +112,8 @@ def _per_category_strip(
 
 
 def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
-    """Per-category mean (line) and ±1 s.d. (band) of each dynamic quantity by layer."""
+    """Per-category mean (line) and ±1 s.d. (band) of each dynamic quantity by layer; the axis score's band is
+    the 95 % bootstrap interval of the mean where the analysis computed one."""
     dyn: dict[str, Any] = dict(getattr(result, "dynamics", None) or {})
     projected: dict[str, Any] = dict(getattr(result, "projected", None) or {})
     layers = np.asarray(result.layers).astype(int)
@@ -160,16 +167,12 @@ def draw_dynamics(result: Any, meta: FigureMeta) -> Figure:
     axis_score = getattr(result, "axis_score", None)
     if axis is not None and axis_score is not None:
         values = np.asarray(axis_score, dtype=float)
-        panels.append(
-            Panel(
-                "axis_score",
-                mpl_text(f"axis score: {axis[0]} → {axis[1]}"),
-                "score",
-                values,
-                x_for(values.shape[1], 0),
-                hline=0.0,
-            )
-        )
+        intervals = getattr(result, "axis_intervals", None)
+        bands = None if intervals is None else {
+            name: (intervals.low[c], intervals.high[c]) for c, name in enumerate(intervals.names)}
+        title = f"axis score: {axis[0]} → {axis[1]}" + ("\n(band: 95 % interval of the mean)" if bands else "")
+        panels.append(Panel("axis_score", mpl_text(title), "score", values, x_for(values.shape[1], 0), hline=0.0,
+                            bands=bands))
     # The seed's two headline quantities first.
     priority = ["step_size", "velocity_pc2_pc1", "speed", "relative_step", "cosine_successive", "norm"]
     panels.sort(key=lambda p: priority.index(p.key) if p.key in priority else len(priority))
