@@ -5,7 +5,7 @@ docs/performance.md between its bench markers. Every timing is the median of --r
 warm-up run; methods compared with each other run in the same rounds, in rotating order, so that a machine
 that gets busier or quieter during the run shifts all of them alike.
 
-    python benchmarks/run.py                 # everything, about 15 minutes on 2 CPU cores
+    python benchmarks/run.py                 # everything, about 25 minutes on 2 CPU cores
     python benchmarks/run.py --quick         # small sizes, a smoke test of the benchmark itself
     python benchmarks/run.py --sections throughput,memory
 """

@@ -112,7 +112,8 @@ def test_cka_matrices_have_each_models_depth_and_match_an_independent_computatio
     cell = next(r for r in rows if r["layer_a"] == "3" and r["layer_b"] == "6")
     assert float(cell["depth_a"]) == 1.0 and float(cell["depth_b"]) == 1.0
     assert float(cell["cka"]) == pytest.approx(pair["cka"][3, 6], rel=1e-6)
-    assert 0.0 <= float(cell["p_value"]) <= 1.0
+    floor = 1 / (1 + comparison.cka[("tiny-llama-32x3", "tiny-qwen2-48x6")]["summary"]["n_permutations"])
+    assert float(cell["p_value_floor"]) == pytest.approx(floor) and floor <= float(cell["p_value"]) <= 1.0
 
 
 def test_separation_is_on_normalised_depth(comparison):

@@ -410,7 +410,8 @@ def bifurcation(
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Two or more runs of the same prompts on different models.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory.")] = Path("tokentrail-compare"),
-    permutations: Annotated[int, typer.Option(help="Label permutations for separation p-values.")] = 200,
+    permutations: Annotated[int | None, typer.Option(
+        help="Label permutations for separation p-values (default: as analyze, 1000).")] = None,
     cka_permutations: Annotated[int, typer.Option(help="Shuffled-prompt CKA null samples.")] = 200,
     cka_standardize: Annotated[bool, typer.Option(help="Scale every hidden unit to unit variance before CKA.")] = False,
     sustain: Annotated[int, typer.Option(help="Layers a prompt must stay outside its category.")] = 2,
@@ -440,9 +441,10 @@ def compare(
             if len(parts) != 2:
                 raise TokentrailError(f"--axis needs two categories NATURAL,FORMAL, got {pair!r}")
             axes.append((parts[0], parts[1]))
+    chosen = {} if permutations is None else {"permutations": permutations}
     result = compare_runs(run_dirs, out_dir, CompareOptions(
-        sustain=sustain, knn_k=knn_k, permutations=permutations, cka_permutations=cka_permutations,
-        cka_standardize=cka_standardize, mutual_knn_k=mutual_knn_k, top_prompts=top, axes=axes, middle=middle))
+        sustain=sustain, knn_k=knn_k, cka_permutations=cka_permutations, cka_standardize=cka_standardize,
+        mutual_knn_k=mutual_knn_k, top_prompts=top, axes=axes, middle=middle, **chosen))
     for warning in result.warnings:
         err.print(warning_text(warning))
     for sentence in verdict_sentences([v for v in result.ordering_verdicts if v["at"] == "last layer"]):

@@ -411,8 +411,9 @@ def compute_analysis(run_dir: Path, options=None):
 def projection_extras(run_dir: Path) -> dict[str, np.ndarray]:
     """The run's projection arrays for an export (from the in-memory analysis, so the numbers `analyze` gives);
     none for a run too small to project."""
-    # The projection does not depend on the permutation tests; an export has no use for their cost.
-    options = replace(analysis_options(read_run(run_dir)), n_permutations=0)
+    # The projection does not depend on the permutation tests or the intervals; an export has no use for their
+    # cost.
+    options = replace(analysis_options(read_run(run_dir)), n_permutations=0, n_bootstrap=0)
     try:
         _, _, result, _ = compute_analysis(run_dir, options)
     except StoreError:

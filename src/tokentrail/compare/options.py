@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokentrail.analysis.separation import DEFAULT_PERMUTATIONS
+
 __all__ = ["CompareOptions"]
 
 
@@ -23,7 +25,7 @@ class CompareOptions:
 
     sustain: int = 2
     knn_k: int = 3
-    permutations: int = 200
+    permutations: int = DEFAULT_PERMUTATIONS
     cka_permutations: int = 200
     cka_standardize: bool = False
     mutual_knn_k: int = 5

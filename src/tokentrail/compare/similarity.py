@@ -50,6 +50,8 @@ def cka_pair(a: ModelRun, b: ModelRun, n_permutations: int, seed: int, standardi
         "shape": [a.n_layers + 1, b.n_layers + 1],
         "n_prompts": int(states_a.shape[0]),
         "n_permutations": int(n_permutations),
+        # The smallest p the null can give: a cell at it beat every shuffle, and its true p is at most this.
+        "p_value_floor": 1.0 / (1 + n_permutations),
         "features": "standardised" if standardize else "raw",
         "mean CKA at matched depth": float(np.nanmean(diag_values)),
         "mean null 95% at matched depth": float(np.nanmean(diag_null)),
@@ -77,7 +79,7 @@ def cka_rows(a: ModelRun, b: ModelRun, pair: dict[str, Any]) -> list[dict[str, A
                 "layer_a": i, "depth_a": i / a.n_layers, "layer_b": j, "depth_b": j / b.n_layers,
                 "cka": pair["cka"][i, j], "cka_debiased": pair["debiased"][i, j],
                 "null_mean": pair["null_mean"][i, j], "null_p95": pair["null_p95"][i, j],
-                "p_value": pair["p_value"][i, j],
+                "p_value": pair["p_value"][i, j], "p_value_floor": pair["summary"]["p_value_floor"],
             })
     return rows
 
