@@ -136,6 +136,9 @@ def test_ordering_verdicts_are_the_axis_scores(comparison, spectrum_runs):
     assert verdict["middle mean"] == pytest.approx(expected)
     assert verdict["ordered (0 < middle < 1)"] == (0 < expected < 1)
     assert verdict["nearer natural (< 0.5)"] == (expected < 0.5)
+    # Its 95 % interval: a bootstrap of the middle category's scores, bracketing the mean.
+    low, high = verdict["middle 95% interval"]
+    assert low <= expected <= high
     means = [m for m in comparison.ordering if m["model"] == "tiny-gpt2-24x4" and m["at"] == "last layer"
              and m["axis"] == "pure-story → pure-math"]
     by_category = {m["category"]: m["mean"] for m in means}
@@ -446,3 +449,17 @@ def test_smollm2_vs_gemma3_on_the_spectrum(embedded, tmp_path):
     # Both models put the word problems between pure story and pure code at the last layer.
     last = [v for v in result.ordering_verdicts if v["at"] == "last layer" and v["axis"] == "pure-story → pure-code"]
     assert len(last) == 2 and all(v["ordered (0 < middle < 1)"] for v in last)
+
+
+def test_verdict_sentences_call_a_side_only_when_the_interval_does():
+    from tokentrail.compare import verdict_sentences
+
+    verdict = {"model": "m", "axis": "story → math", "at": "last layer", "layer": 4, "middle": "word-problems",
+               "middle mean": 0.40, "middle 95% interval": [0.30, 0.55], "ordered (0 < middle < 1)": True,
+               "nearer natural (< 0.5)": True, "chain": "story < word-problems < math", "chain holds": True,
+               "formal means": "math: 1.00", "ordered at layers": "5/5", "nearer natural at layers": "3/5"}
+    undecided = verdict_sentences([verdict])[0]
+    assert "word-problems at 0.40 [0.30, 0.55]" in undecided
+    assert "not told apart from the midpoint by its 95 % interval" in undecided
+    settled = verdict_sentences([{**verdict, "middle 95% interval": [0.32, 0.47]}])[0]
+    assert "nearer the natural end" in settled

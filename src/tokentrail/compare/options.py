@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokentrail.analysis.intervals import DEFAULT_BOOTSTRAP
 from tokentrail.analysis.separation import DEFAULT_PERMUTATIONS
 
 __all__ = ["CompareOptions"]
@@ -20,13 +21,15 @@ class CompareOptions:
     every hidden unit across the prompts before CKA, so that a few massive-activation units cannot dominate it.
     `mutual_knn_k` is the k of the mutual k-nearest-neighbour alignment computed beside CKA for every pair of
     models (on the same states, standardised with `cka_standardize`); it must be less than the number of
-    prompts. It is not `knn_k`, which is the k of each run's kNN classification accuracy.
+    prompts. It is not `knn_k`, which is the k of each run's kNN classification accuracy. `n_bootstrap` resamples
+    of each category's prompts give the 95 % intervals of the category means on each axis (0: none).
     """
 
     sustain: int = 2
     knn_k: int = 3
     permutations: int = DEFAULT_PERMUTATIONS
     cka_permutations: int = 200
+    n_bootstrap: int = DEFAULT_BOOTSTRAP
     cka_standardize: bool = False
     mutual_knn_k: int = 5
     top_prompts: int = 10

@@ -4,7 +4,9 @@ plain sentences (`verdict_sentences`).
 
 On the line from the natural category's centroid (0) to a formal category's centroid (1) (`axis_score`), the
 ends are 0 and 1 by construction, so the tests are whether the middle category's mean lies strictly between
-them, below 0.5, and below every formal category (the chain natural < middle < formal ends).
+them, below 0.5, and below every formal category (the chain natural < middle < formal ends). Every category
+mean has its 95 % bootstrap interval over the category's prompts (`analysis.category_intervals`), and the
+sentences call the middle nearer one end only when its whole interval lies on that side of 0.5.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tokentrail.analysis.category_intervals import CategoryIntervals, category_intervals
+from tokentrail.analysis.intervals import DEFAULT_BOOTSTRAP
 from tokentrail.analysis.pipeline import default_axis
 from tokentrail.analysis.separation import axis_score, best_separation_layer
 from tokentrail.compare.alignment import ModelRun
@@ -77,9 +81,10 @@ def ordering_plan(categories: Sequence[str], axes: Sequence[tuple[str, str]] | N
 
 def score_ordering(
     runs: Sequence[ModelRun], plan: Sequence[dict[str, Any]], warnings: list[str],
+    n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Category means on each axis (at the last layer and the best-separation layer), verdicts, and the
-    middle category's mean at every layer for the depth figure."""
+    """Category means on each axis (at the last layer and the best-separation layer) with their 95 % intervals
+    from `n_boot` resamples, verdicts, and the middle category's mean at every layer for the depth figure."""
     means_rows: list[dict[str, Any]] = []
     verdicts: list[dict[str, Any]] = []
     prompt_rows: list[dict[str, Any]] = []
@@ -101,6 +106,8 @@ def score_ordering(
                 continue
             scores = axis_score(model.states, categories, natural, formal)  # [P, L+1]
             means = {name: np.nanmean(scores[labels == name], axis=0) for name in names}  # each [L+1]
+            found = category_intervals(scores, categories, n_boot=n_boot, seed=seed) if n_boot else None
+
             axis_name = f"{natural} → {formal}"
             if middle is not None:
                 mid = means[middle]
@@ -115,6 +122,8 @@ def score_ordering(
                         "model": model.label, "axis": axis_name, "at": which, "layer": layer,
                         "depth": layer / model.n_layers, "category": name, "mean": _snap(means[name][layer]),
                         "sd": float(np.std(spread, ddof=1)) if spread.size > 1 else None, "n": int(spread.size),
+                        "low": (_interval(found, name, layer) or [None, None])[0],
+                        "high": (_interval(found, name, layer) or [None, None])[1],
                     })
                 if middle is None:
                     continue
@@ -130,6 +139,7 @@ def score_ordering(
                 verdicts.append({
                     "model": model.label, "axis": axis_name, "at": which, "layer": layer,
                     "depth": layer / model.n_layers, "middle": middle, "middle mean": value,
+                    "middle 95% interval": _interval(found, middle, layer),
                     "ordered (0 < middle < 1)": bool(0 < value < 1),
                     "nearer natural (< 0.5)": bool(value < 0.5),
                     "chain": f"{natural} < {middle} < {' & '.join(others)}",
@@ -151,6 +161,15 @@ def score_ordering(
     return means_rows, verdicts, prompt_rows, curves
 
 
+def _interval(found: CategoryIntervals | None, name: str, layer: int) -> list[float] | None:
+    """A category's 95 % interval at `layer`; None for a category of one prompt (no resample can vary it) or
+    without resamples."""
+    if found is None or name not in found.names:
+        return None
+    index = found.names.index(name)
+    return [float(found.low[index, layer]), float(found.high[index, layer])]
+
+
 def _snap(value: float) -> float:
     """An axis end is 0 or 1 by construction; print it so, not as 1e-17."""
     value = float(value)
@@ -166,12 +185,18 @@ def verdict_sentences(verdicts: Sequence[dict[str, Any]]) -> list[str]:
     for v in verdicts:
         where = "between the ends" if v["ordered (0 < middle < 1)"] else "outside the ends"
         side = "nearer the natural end" if v["nearer natural (< 0.5)"] else "nearer the formal end"
+        interval = v.get("middle 95% interval")
         if abs(v["middle mean"] - 0.5) < MIDPOINT_TIE:
             side = f"at the midpoint (within {MIDPOINT_TIE})"
+        elif interval is not None and interval[0] <= 0.5 <= interval[1]:
+            # The mean is on one side, but the prompts the set holds cannot tell which.
+            side = "not told apart from the midpoint by its 95 % interval"
         if not v["ordered (0 < middle < 1)"]:
             side = "below the natural end" if v["middle mean"] <= 0 else "beyond the formal end"
+        shown = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
         sentences.append(
-            f"{v['model']}, {v['axis']}, {v['at']} (layer {v['layer']}): {v['middle']} at {v['middle mean']:.2f}, "
+            f"{v['model']}, {v['axis']}, {v['at']} (layer {v['layer']}): {v['middle']} at {v['middle mean']:.2f}"
+            f"{shown}, "
             f"{where}, {side}; {v['chain']}: {'holds' if v['chain holds'] else 'does not hold'} "
             f"({v['formal means']}); ordered at {v['ordered at layers']} layers, nearer natural at "
             f"{v['nearer natural at layers']}."

@@ -43,8 +43,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, options: CompareOptions | 
     for name in ("sustain", "knn_k", "cka_permutations", "top_prompts", "mutual_knn_k"):
         if getattr(options, name) < 1:
             raise TokentrailError(f"compare option {name} must be at least 1, got {getattr(options, name)}")
-    if options.permutations < 0:
-        raise TokentrailError(f"compare option permutations must be 0 or more, got {options.permutations}")
+    for name in ("permutations", "n_bootstrap"):
+        if getattr(options, name) < 0:
+            raise TokentrailError(f"compare option {name} must be 0 or more, got {getattr(options, name)}")
     out_dir = Path(out_dir)
     if (out_dir / "run.json").exists():
         # Its report.html and figures/ would be overwritten by the comparison's.
@@ -81,7 +82,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, options: CompareOptions | 
     bifurcation = bifurcation_rows(runs)
     dominant = dominant_dimensions(runs)
     plan = ordering_plan(runs[0].categories, options.axes, options.middle)
-    ordering_means, verdicts, prompt_scores, curves = score_ordering(runs, plan, warnings)
+    ordering_means, verdicts, prompt_scores, curves = score_ordering(runs, plan, warnings, options.n_bootstrap,
+                                                                      options.seed)
     if not plan:
         warnings.append("no natural-vs-formal axis: no category names mark natural and formal language; "
                         "name one with an axis option")
