@@ -212,13 +212,21 @@ class PromptBifurcation:
     @property
     def sentence(self) -> str:
         """The finding in words, with how it was measured."""
-        where = f"({self.metric} distance to leave-one-out centroids, sustained for {self.sustain} layers)"
-        if self.layer >= 0:
-            return f"leaves its category at layer {self.layer} toward {self.toward!r} {where}"
-        if bool(np.all(self.outside)):
-            return (f"closer to another category than to its own at every layer, from the embedding on: it never "
-                    f"sits with {self.category!r}, so there is nothing to leave {where}")
-        return f"never leaves its category {where}"
+        return bifurcation_sentence(self.category, self.layer, self.toward, self.metric, self.sustain,
+                                    never_with=bool(np.all(self.outside)))
+
+
+def bifurcation_sentence(category: str, layer: int, toward: str, metric: str, sustain: int,
+                         never_with: bool = False) -> str:
+    """A bifurcation in words, with how it was measured: for a stored prompt (`PromptBifurcation.sentence`) and a
+    live one (`tokentrail explore`) alike. `never_with`: the prompt was nearer another category at every layer."""
+    where = f"({metric} distance to leave-one-out centroids, sustained for {sustain} layers)"
+    if layer >= 0:
+        return f"leaves its category {category!r} at layer {layer} toward {toward!r} {where}"
+    if never_with:
+        return (f"closer to another category than to its own at every layer, from the embedding on: it never "
+                f"sits with {category!r}, so there is nothing to leave {where}")
+    return f"never leaves its category {category!r} {where}"
 
 
 def explain_prompt(states: np.ndarray, categories: Sequence[str], index: int, sustain: int = 2,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tokentrail.analysis.bifurcation import bifurcation_sentence
 from tokentrail.analysis.pipeline import default_axis, fit_projections
 from tokentrail.analysis.placement import Placement, place_prompt
 from tokentrail.core.jsonable import json_ready
@@ -89,14 +90,19 @@ class ModelGate:
             self.waiting += 1
         try:
             self._model.acquire()
-        finally:
+        except BaseException:
             with self._count:
                 self.waiting -= 1
-        self.running = True
+            raise
+        # Admission reads `running` and `waiting` together under the count lock, so both change under it.
+        with self._count:
+            self.waiting -= 1
+            self.running = True
         try:
             yield
         finally:
-            self.running = False
+            with self._count:
+                self.running = False
             self._model.release()
 
 
@@ -311,9 +317,7 @@ class ExploreSession:
                          for t, q in zip(live.lens_tokens[layer][:LENS_TOP_K], live.lens_probs[layer][:LENS_TOP_K])],
                 "axis_score": json_ready(round(float(p.axis[layer]), 6)),
             })
-        where = "cosine distance to the category centroids, sustained for " f"{p.sustain} layers"
-        sentence = (f"leaves {p.home!r} at layer {p.layer} toward {p.toward!r} ({where})" if p.layer >= 0
-                    else f"never leaves {p.home!r} ({where})")
+        sentence = bifurcation_sentence(p.home, p.layer, p.toward, "cosine", p.sustain)
         return {
             "prompt": live.prompt,
             "tokens": live.tokens,

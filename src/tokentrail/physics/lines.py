@@ -93,17 +93,15 @@ def lines_of_thought_run(out_dir: str | Path, model: ModelSettings, sentences: i
         f"paper: 0.18 per layer, {paper['gpt2-medium']['lambda_per_unit_depth']:.2f} per unit depth).")
     xs = np.arange(1, n_layers + 1)
 
-    def line(key: str, title: str, ylabel: str, values: Any, **extra: Any) -> Panel:
-        return Panel(key, title, ylabel, np.asarray(values, dtype=float)[None], xs, overall=True, **extra)
-
     panels = [
-        line("fraction", f"share of directions holding {ENERGY:.0%} of the ensemble (uncentred)", "fraction of hidden",
-             fractions),
-        line("centred_fraction", f"the same for {ENERGY:.0%} of its variance (centred)", "fraction of hidden",
-             centred_fractions),
-        line("variance", f"ln residual variance around the linear drift (slope lambda = {lam:.3f})", "ln variance",
-             np.log(by_end["variance"])),
-        line("kurtosis", "residual excess kurtosis (0: Gaussian)", "excess kurtosis", by_end["kurtosis"], hline=0.0),
+        Panel.run_wide("fraction", f"share of directions holding {ENERGY:.0%} of the ensemble (uncentred)",
+                       "fraction of hidden", fractions, xs),
+        Panel.run_wide("centred_fraction", f"the same for {ENERGY:.0%} of its variance (centred)",
+                       "fraction of hidden", centred_fractions, xs),
+        Panel.run_wide("variance", f"ln residual variance around the linear drift (slope lambda = {lam:.3f})",
+                       "ln variance", np.log(by_end["variance"]), xs),
+        Panel.run_wide("kurtosis", "residual excess kurtosis (0: Gaussian)", "excess kurtosis", by_end["kurtosis"],
+                       xs, hline=0.0),
     ]
     figures = save_drawn(lambda: draw_panels(panels, figure_meta(run, trace), "lines of thought", ""),
                          out_dir / "figures" / "lines_of_thought")

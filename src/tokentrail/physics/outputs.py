@@ -177,9 +177,6 @@ def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, l
     blocks = np.arange(1, n_layers + 1)
     every = np.arange(0, n_layers + 1)
 
-    def overall(key: str, title: str, ylabel: str, values: Any, xs: np.ndarray, **extra: Any) -> Panel:
-        return Panel(key, title, ylabel, np.asarray(values, dtype=float)[None], xs, overall=True, **extra)
-
     figures: dict[str, list[Panel]] = {"physics_energy": [], "physics_clustering": []}
     if result.energy_weighted is not None and result.energy_log_partition is not None:
         figures["physics_energy"] = [
@@ -201,8 +198,8 @@ def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, l
     ode = [Panel("relative_step", "Euler step relative to the state: |h(l) - h(l-1)| / |h(l-1)|", "ratio",
                  result.relative_step, blocks)]
     if result.linearity is not None:
-        ode.append(overall("linearity", "linear share of each block's update (out-of-sample R^2)", "R^2",
-                           result.linearity, blocks, hline=0.0))
+        ode.append(Panel.run_wide("linearity", "linear share of each block's update (out-of-sample R^2)", "R^2",
+                                  result.linearity, blocks, hline=0.0))
     if result.expansion is not None:
         ode.append(Panel("expansion", "expansion rate log(|d(l)| / |d(l-1)|) of a perturbed embedding", "rate",
                          _padded(result.expansion, n_prompts), blocks, hline=0.0))
@@ -211,14 +208,14 @@ def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, l
                          _padded(result.relative_expansion, n_prompts), blocks, hline=0.0))
     figures["physics_ode"] = ode
     geometry = [
-        overall("intrinsic_dimension", "intrinsic dimension (TwoNN) of the prompts' last-token cloud", "dimension",
-                result.geometry["intrinsic_dimension"], every),
-        overall("top_pc_share", "anisotropy: variance share on the top component", "share",
-                result.geometry["top_pc_share"], every),
-        overall("mean_cosine_to_mean", "anisotropy: mean cosine to the mean direction", "cosine",
-                result.geometry["mean_cosine_to_mean"], every),
-        overall("effective_rank", "effective rank of the last-token cloud", "rank",
-                result.geometry["effective_rank"], every),
+        Panel.run_wide("intrinsic_dimension", "intrinsic dimension (TwoNN) of the prompts' last-token cloud",
+                       "dimension", result.geometry["intrinsic_dimension"], every),
+        Panel.run_wide("top_pc_share", "anisotropy: variance share on the top component", "share",
+                       result.geometry["top_pc_share"], every),
+        Panel.run_wide("mean_cosine_to_mean", "anisotropy: mean cosine to the mean direction", "cosine",
+                       result.geometry["mean_cosine_to_mean"], every),
+        Panel.run_wide("effective_rank", "effective rank of the last-token cloud", "rank",
+                       result.geometry["effective_rank"], every),
     ]
     if result.token_geometry is not None:
         geometry.append(Panel("token_dimension", "intrinsic dimension of each prompt's token cloud", "dimension",

@@ -40,6 +40,11 @@ class Panel:
     # +-1 s.d. spread of its prompts (the title must say so).
     bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
+    @classmethod
+    def run_wide(cls, key: str, title: str, ylabel: str, values: Any, xs: np.ndarray, **extra: Any) -> Panel:
+        """One measure of the whole run, `values [T]`, drawn as one line."""
+        return cls(key, title, ylabel, np.asarray(values, dtype=float)[None], xs, overall=True, **extra)
+
 
 def _overall_line(ax: Axes, panel: Panel) -> None:
     ax.plot(panel.xs, np.asarray(panel.values, dtype=float)[0], color="0.35", linestyle="--", linewidth=1.8,
