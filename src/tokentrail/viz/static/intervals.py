@@ -61,9 +61,12 @@ def _knn_panel(ax: Axes, result: Any, colors: dict[str, str]) -> None:
 
 def _bifurcation_panel(ax: Axes, result: Any, colors: dict[str, str]) -> None:
     found = result.bifurcation_intervals
-    note = [f"{found.bifurcating[c]}/{found.prompts[c]}" for c in range(len(found.names))]
+    note = [f"{found.bifurcating[c]}/{found.prompts[c]}" + (
+        f", layer {found.mean_layer[c]:.1f} [{found.mean_layer_low[c]:.1f}, {found.mean_layer_high[c]:.1f}]"
+        if np.isfinite(found.mean_layer_low[c]) else "") for c in range(len(found.names))]
     _forest(ax, "bifurcation", found.names, found.share, found.share_low, found.share_high, colors,
-            "share of prompts that bifurcate", "share (leaves its category for good)", note)
+            "share of prompts that bifurcate\n(label: how many, and their mean layer with its interval)",
+            "share (leaves its category for good)", note)
     ax.set_xlim(-0.03, 1.03)
 
 
