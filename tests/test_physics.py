@@ -116,3 +116,27 @@ def test_bad_options_are_one_line_and_exit_2(run_dir, capsys, option, words):
 def test_not_a_run(tmp_path, capsys):
     assert cli.main(["physics", str(tmp_path)]) == 2
     assert "not a tokentrail run" in capsys.readouterr().err
+
+
+def test_max_prompts_probes_every_category_and_keeps_each_prompt_its_own_row(run_dir, tmp_path):
+    import shutil
+
+    from tokentrail.physics.measures import probe_rows
+
+    # A set stored category by category: the first 4 rows would all be "a"; the categories take turns instead.
+    assert probe_rows(["a"] * 5 + ["b"] * 2 + ["c"] * 2, 4).tolist() == [0, 1, 5, 7]
+    assert probe_rows(["a", "b"], None).tolist() == [0, 1] and probe_rows(["a", "b"], 9).tolist() == [0, 1]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert cli.main(["physics", str(copy), "--max-prompts", "4", "--no-expansion"]) == 0
+    summary = json.loads((copy / "physics" / "summary.json").read_text())
+    assert summary["probed_prompts"] == 4
+    assert summary["probed_by_category"] == {"story": 2, "code": 1, "math": 1}
+    assert summary["energy"]["formal_vs_natural"]["n"] == [2, 1]
+    # Each probed prompt's energy is the one the full run measured for that same prompt.
+    full = {(r["prompt_id"], r["layer"]): r["energy"] for r in _rows(run_dir / "physics" / "prompts.csv")}
+    part = [r for r in _rows(copy / "physics" / "prompts.csv") if r["layer"] != "0"]
+    probed = [r for r in part if r["energy"] != ""]
+    assert len({r["prompt_id"] for r in probed}) == 4
+    for row in probed:
+        assert float(row["energy"]) == pytest.approx(float(full[(row["prompt_id"], row["layer"])]), rel=1e-5)

@@ -532,7 +532,8 @@ def physics(
     expansion: Annotated[bool, typer.Option("--expansion/--no-expansion", help="Growth of a perturbed embedding (forward passes).")] = True,
     directions: Annotated[int, typer.Option(help="Random perturbation directions per prompt.")] = 8,
     epsilon: Annotated[float, typer.Option(help="Perturbation size relative to the embedding's norm.")] = 1e-3,
-    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="Run the model probes on the first N prompts only.")] = None,
+    max_prompts: Annotated[int | None, typer.Option(
+        "--max-prompts", help="Run the model probes on N prompts only, the categories taking turns.")] = None,
 ) -> None:
     """The seed's physics as numbers: attention energy, token clustering, the residual stream as an ODE, geometry."""
     from tokentrail.physics import PhysicsOptions, physics_run

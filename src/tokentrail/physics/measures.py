@@ -11,6 +11,7 @@ finite-time expansion of a small perturbation of the embedding (`probes.perturba
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from tokentrail.errors import TokentrailError
 if TYPE_CHECKING:  # annotations only: the model probes import torch when they run
     from tokentrail.models.loading import LoadedModel
 
-__all__ = ["PhysicsOptions", "PhysicsResult", "measure_stored", "measure_with_model"]
+__all__ = ["PhysicsOptions", "PhysicsResult", "measure_stored", "measure_with_model", "probe_rows"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class PhysicsOptions:
     """`threshold`: cosine similarity at which tokens are one cluster; plateaus: a stretch of at least
     `min_plateau` layers over which the mean cluster count changes by at most `plateau_tolerance` per layer,
     ended by a larger change; `energy`, `expansion`: run the model probes; `directions`, `epsilon`: the
-    perturbations (epsilon relative to the embedding's norm); `max_prompts`: the model probes on the first this
-    many prompts only (None: all)."""
+    perturbations (epsilon relative to the embedding's norm); `max_prompts`: the model probes on this many
+    prompts only (None: all), taken from the categories in turn (`probe_rows`)."""
 
     threshold: float = 0.9
     plateau_tolerance: float = 0.25
@@ -79,9 +80,17 @@ class PhysicsResult:
     expansion: np.ndarray | None = None  # [P', L] mean over directions of log(|d_{l+1}| / |d_l|)
     # [P', L] the same for |d_l| / |h_l|: growth beyond the growth of the state's own norm with depth
     relative_expansion: np.ndarray | None = None
-    probed: int = 0  # P': how many prompts the model probes ran on (the first ones)
+    probed: int = 0  # P': how many prompts the model probes ran on
+    # [P'] the trace rows they ran on, in the order of the probe arrays (`probe_rows`); the row i of an energy or
+    # expansion array is the prompt probed_rows[i]
+    probed_rows: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def probed_at(self) -> np.ndarray:
+        """The trace row of each row of the probe arrays (`probed_rows`; none before the probes ran)."""
+        return self.probed_rows if self.probed_rows is not None else np.arange(self.probed)
 
 
 def measure_stored(trace: Trace, options: PhysicsOptions) -> PhysicsResult:
@@ -115,15 +124,33 @@ def measure_stored(trace: Trace, options: PhysicsOptions) -> PhysicsResult:
     return result
 
 
+def probe_rows(categories: Sequence[str], max_prompts: int | None) -> np.ndarray:
+    """The rows the model probes run on, in increasing order: all of them, or `max_prompts` taken from the
+    categories in turn (each category's first prompts), so that a prompt set stored category by category is
+    not probed in its first category only, and a comparison of two categories has prompts of both."""
+    n_prompts = len(categories)
+    if max_prompts is None or max_prompts >= n_prompts:
+        return np.arange(n_prompts)
+    labels = np.asarray(list(categories), dtype=object)
+    queues = [list(np.flatnonzero(labels == name)) for name in dict.fromkeys(labels.tolist())]
+    chosen: list[int] = []
+    while len(chosen) < max_prompts:
+        for queue in queues:
+            if queue and len(chosen) < max_prompts:
+                chosen.append(int(queue.pop(0)))
+    return np.sort(np.asarray(chosen, dtype=int))
+
+
 def measure_with_model(loaded: LoadedModel, trace: Trace, options: PhysicsOptions, result: PhysicsResult) -> None:
     """Add the attention energy and the expansion rates, from forward passes of `loaded` on the stored token ids
-    (the first `options.max_prompts` prompts). A probe the model does not allow is noted, not fatal."""
+    of the prompts `probe_rows` chooses. A probe the model does not allow is noted, not fatal."""
     from tokentrail.probes.energy import attention_energy
     from tokentrail.probes.perturbation import separations
 
-    count = len(trace) if options.max_prompts is None else min(options.max_prompts, len(trace))
-    encoded: list[Any] = [list(map(int, ids)) for ids in trace.token_ids[:count]]
-    result.probed = count
+    rows = probe_rows(trace.categories, options.max_prompts)
+    encoded: list[Any] = [list(map(int, trace.token_ids[row])) for row in rows]
+    result.probed = len(rows)
+    result.probed_rows = rows
     if options.energy:
         started = time.perf_counter()
         try:
@@ -140,7 +167,7 @@ def measure_with_model(loaded: LoadedModel, trace: Trace, options: PhysicsOption
             result.separations = separations(loaded, encoded, n_directions=options.directions,
                                              epsilon=options.epsilon, seed=options.seed)
             result.expansion = np.stack([expansion_rates(prompt) for prompt in result.separations])
-            norms = np.linalg.norm(np.asarray(trace.states[:count], dtype=np.float64), axis=-1)  # [P', L+1]
+            norms = np.linalg.norm(np.asarray(trace.states[rows], dtype=np.float64), axis=-1)  # [P', L+1]
             result.relative_expansion = np.stack([expansion_rates(prompt / norms[i][None])
                                                   for i, prompt in enumerate(result.separations)])
         except TokentrailError as exc:

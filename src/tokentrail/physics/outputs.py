@@ -52,7 +52,7 @@ def _compare_groups(values: np.ndarray, categories: Sequence[str], axis: tuple[s
     """Per-prompt `values` of the axis's natural category A against its formal category B (Mann-Whitney U)."""
     if axis is None:
         return {"axis": None}
-    labels = np.asarray(categories[: len(values)], dtype=object)
+    labels = np.asarray(list(categories), dtype=object)
     a, b = values[labels == axis[0]], values[labels == axis[1]]
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     out: dict[str, Any] = {"axis": list(axis), "n": [int(a.size), int(b.size)],
@@ -67,7 +67,9 @@ def physics_summary(result: PhysicsResult, categories: Sequence[str], axis: tupl
                     options: PhysicsOptions) -> dict[str, Any]:
     """The headline readings (see the module docstring), JSON-ready."""
     summary: dict[str, Any] = {"options": options.__dict__, "notes": result.notes, "seconds": result.seconds,
-                               "prompts": len(categories), "probed_prompts": result.probed}
+                               "prompts": len(categories), "probed_prompts": result.probed,
+                               "probed_by_category": {name: _probed(categories, result).count(name)
+                                                      for name in dict.fromkeys(categories)}}
     relative = _nanmean(result.relative_step, 0)
     summary["ode"] = {
         "median_relative_step": float(np.nanmedian(result.relative_step)),
@@ -92,7 +94,7 @@ def physics_summary(result: PhysicsResult, categories: Sequence[str], axis: tupl
             "mean_by_layer": total.mean(axis=0), "log_partition_mean_by_layer": partition.mean(axis=0),
             "depth_trend": _trend(total.mean(axis=0)),
             "log_partition_depth_trend": _trend(partition.mean(axis=0)),
-            "formal_vs_natural": _compare_groups(total.mean(axis=1), categories, axis),
+            "formal_vs_natural": _compare_groups(total.mean(axis=1), _probed(categories, result), axis),
         }
     if result.expansion is not None:
         rates = result.expansion.mean(axis=0)
@@ -165,12 +167,18 @@ def _sentences(summary: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _padded(values: np.ndarray, n_prompts: int) -> np.ndarray:
-    """Rows for every prompt: the model probes may have run on the first ones only (nan for the rest)."""
+def _probed(categories: Sequence[str], result: PhysicsResult) -> list[str]:
+    """The categories of the probed prompts, in the order of the probe arrays."""
+    return [categories[row] for row in result.probed_at]
+
+
+def _padded(values: np.ndarray, result: PhysicsResult, n_prompts: int) -> np.ndarray:
+    """Rows for every prompt: the probe arrays' rows placed at the prompts they probed (`probed_rows`), nan for
+    the prompts the model probes left out."""
     values = np.asarray(values, dtype=np.float64)
-    if values.shape[0] == n_prompts:
-        return values
-    return np.concatenate([values, np.full((n_prompts - values.shape[0], *values.shape[1:]), np.nan)])
+    padded = np.full((n_prompts, *values.shape[1:]), np.nan)
+    padded[result.probed_at] = values
+    return padded
 
 
 def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, list[Panel]]:
@@ -181,9 +189,9 @@ def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, l
     if result.energy_weighted is not None and result.energy_log_partition is not None:
         figures["physics_energy"] = [
             Panel("energy", "attention energy E = -sum A s (sum over heads, per token)", "energy",
-                  _padded(result.energy_weighted.sum(axis=2), n_prompts), blocks),
+                  _padded(result.energy_weighted.sum(axis=2), result, n_prompts), blocks),
             Panel("log_partition", "log-partition form -log sum exp s", "energy",
-                  _padded(result.energy_log_partition.sum(axis=2), n_prompts), blocks),
+                  _padded(result.energy_log_partition.sum(axis=2), result, n_prompts), blocks),
         ]
     if result.clustering is not None:
         spans = [(float(s), float(e)) for s, e in result.plateaus]
@@ -202,10 +210,10 @@ def _panels(result: PhysicsResult, n_layers: int, n_prompts: int) -> dict[str, l
                                   result.linearity, blocks, hline=0.0))
     if result.expansion is not None:
         ode.append(Panel("expansion", "expansion rate log(|d(l)| / |d(l-1)|) of a perturbed embedding", "rate",
-                         _padded(result.expansion, n_prompts), blocks, hline=0.0))
+                         _padded(result.expansion, result, n_prompts), blocks, hline=0.0))
     if result.relative_expansion is not None:
         ode.append(Panel("relative_expansion", "the same for |d(l)| / |h(l)|: beyond the norm's growth", "rate",
-                         _padded(result.relative_expansion, n_prompts), blocks, hline=0.0))
+                         _padded(result.relative_expansion, result, n_prompts), blocks, hline=0.0))
     figures["physics_ode"] = ode
     geometry = [
         Panel.run_wide("intrinsic_dimension", "intrinsic dimension (TwoNN) of the prompts' last-token cloud",
@@ -246,18 +254,21 @@ def _rows(result: PhysicsResult, prompt_ids: Sequence[str], categories: Sequence
             for key, values in result.clustering.items():
                 row[f"token_{key}"] = float(_nanmean(values[:, layer], 0))
         layers.append(row)
+    probe_of = {int(row): position for position, row in enumerate(result.probed_at)}  # trace row -> row of the probe arrays
     for i, (prompt_id, category) in enumerate(zip(prompt_ids, categories)):
+        probed = probe_of.get(i)
         for layer in range(n_layers + 1):
             block = layer - 1
             row = {"prompt_id": prompt_id, "category": category, "layer": layer,
                    "relative_step": float(result.relative_step[i, block]) if layer else None}
-            if i < result.probed and result.energy_weighted is not None and result.energy_log_partition is not None:
-                row["energy"] = float(result.energy_weighted[i, block].sum()) if layer else None
-                row["energy_log_partition"] = float(result.energy_log_partition[i, block].sum()) if layer else None
-            if i < result.probed and result.expansion is not None:
-                row["expansion_rate"] = float(result.expansion[i, block]) if layer else None
-            if i < result.probed and result.relative_expansion is not None:
-                row["relative_expansion_rate"] = float(result.relative_expansion[i, block]) if layer else None
+            if probed is not None and result.energy_weighted is not None and result.energy_log_partition is not None:
+                row["energy"] = float(result.energy_weighted[probed, block].sum()) if layer else None
+                row["energy_log_partition"] = (float(result.energy_log_partition[probed, block].sum()) if layer
+                                               else None)
+            if probed is not None and result.expansion is not None:
+                row["expansion_rate"] = float(result.expansion[probed, block]) if layer else None
+            if probed is not None and result.relative_expansion is not None:
+                row["relative_expansion_rate"] = float(result.relative_expansion[probed, block]) if layer else None
             if result.clustering is not None:
                 for key, values in result.clustering.items():
                     row[f"token_{key}"] = values[i, layer]
