@@ -42,24 +42,31 @@ def test_the_shipped_file_is_what_the_builder_writes(tmp_path):
     assert (tmp_path / "pairs.yaml").read_bytes() == SHIPPED.read_bytes()
 
 
+def _pairs(prompt_set, first: str, second: str) -> list[tuple[str, str]]:
+    """(text of `first`, text of `second`) for each pair: ids are STEM-SUFFIX, categories KIND-SUFFIX."""
+    found = _by_id(prompt_set)
+    first_suffix, second_suffix = first.rsplit("-", 1)[1], second.rsplit("-", 1)[1]
+    pairs = []
+    for pid, (category, text) in found.items():
+        if category == first:
+            partner_category, partner = found[pid.removesuffix(first_suffix) + second_suffix]
+            assert partner_category == second
+            pairs.append((text, partner))
+    return pairs
+
+
 def test_docstring_pairs_differ_only_in_the_triple_quotes(pairs):
-    found = _by_id(pairs)
-    plain = {pid.removesuffix("-plain"): text for pid, (category, text) in found.items()
-             if category == "docstring-plain"}
-    assert len(plain) == 47
-    for stem, text in plain.items():
-        category, quoted = found[f"{stem}-quoted"]
-        assert category == "docstring-quoted" and quoted == f"''' {text} '''"
+    found = _pairs(pairs, "docstring-plain", "docstring-quoted")
+    assert len(found) == 47
+    for text, quoted in found:
+        assert quoted == f"''' {text} '''"
 
 
 def test_pseudocode_pairs_differ_only_in_how_numbers_are_written(pairs):
-    found = _by_id(pairs)
-    digits = {pid.removesuffix("-digits"): text for pid, (category, text) in found.items()
-              if category == "pseudocode-digits"}
-    assert len(digits) == 171
-    for stem, text in digits.items():
-        category, words = found[f"{stem}-words"]
-        assert category == "pseudocode-words" and re.search(r"\d", text) and not re.search(r"\d", words)
+    found = _pairs(pairs, "pseudocode-digits", "pseudocode-words")
+    assert len(found) == 171
+    for text, words in found:
+        assert re.search(r"\d", text) and not re.search(r"\d", words)
         # Put the digits back into the words version: the two lines are then the same.
         numbers = iter(re.findall(r"\d+", text))
         pattern = "|".join(sorted({re.escape(claims.number_words(int(n))) for n in re.findall(r"\d+", text)},
