@@ -93,11 +93,15 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """`rows` as one CSV table (the columns: every key, in first-seen order; cells by `format_cell`), written
-    whole or not at all."""
+def _dict_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) from dicts: the columns are every key, in first-seen order; a missing key is an empty cell."""
     header = list(dict.fromkeys(key for row in rows for key in row))
-    atomic_write_bytes(Path(path), _csv_bytes(header, ([row.get(key) for key in header] for row in rows)))
+    return header, [[row.get(key) for key in header] for row in rows]
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """`rows` as one CSV table (`_dict_table`; cells by `format_cell`), written whole or not at all."""
+    atomic_write_bytes(Path(path), _csv_bytes(*_dict_table(rows)))
     return Path(path)
 
 
@@ -161,12 +165,6 @@ def _separation_table(separation: dict[str, Any]) -> tuple[list[str], list[list[
     return header, rows
 
 
-def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """(header, rows) from a list of same-keyed dicts."""
-    header = list(rows[0]) if rows else []
-    return header, [[row[key] for key in header] for row in rows]
-
-
 def _category_separation_table(by_statistic: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     silhouette, knn = by_statistic["silhouette"], by_statistic["knn_accuracy"]
     header = ["category", "layer", "prompts", "silhouette", "silhouette_low", "silhouette_high", "knn_accuracy",
@@ -228,14 +226,14 @@ def metric_tables(result: AnalysisResult, prompt_ids: list[str], categories: lis
             [prompt_ids[p], categories[p], layer, axis_a, axis_b, scores[p, layer], *roles[p]]
             for p in range(n_prompts) for layer in range(scores.shape[1])])
     if getattr(result, "axis_intervals", None) is not None:
-        tables["axis_intervals.csv"] = _table(result.axis_intervals.rows())
+        tables["axis_intervals.csv"] = _dict_table(result.axis_intervals.rows())
     by_statistic = getattr(result, "category_separation", None)
     if by_statistic and all(by_statistic.values()):
         tables["category_separation.csv"] = _category_separation_table(by_statistic)
     if getattr(result, "bifurcation_intervals", None) is not None:
-        tables["bifurcation_intervals.csv"] = _table(result.bifurcation_intervals.rows())
+        tables["bifurcation_intervals.csv"] = _dict_table(result.bifurcation_intervals.rows())
     if getattr(result, "component_readings", None):
-        tables["components.csv"] = _table(result.component_readings)
+        tables["components.csv"] = _dict_table(result.component_readings)
     if result.wasserstein is not None and result.token_cosine is not None:
         wasserstein = np.asarray(result.wasserstein)
         token_cosine = np.asarray(result.token_cosine)

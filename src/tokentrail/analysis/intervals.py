@@ -27,8 +27,6 @@ def stratified_bootstrap_mean(values: np.ndarray, strata: Sequence[str], n_boot:
     array = checked(values, "[prompts, columns]", "per-prompt values")
     if len(strata) != array.shape[0]:
         raise ValueError(f"got {len(strata)} strata for {array.shape[0]} prompts")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be between 0 and 1, got {level}")
     means = resample_counts(strata, n_boot, seed) @ array / array.shape[0]  # [n_boot, columns]
     return percentile_interval(means, level)
 

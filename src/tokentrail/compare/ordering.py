@@ -107,7 +107,6 @@ def score_ordering(
             scores = axis_score(model.states, categories, natural, formal)  # [P, L+1]
             means = {name: np.nanmean(scores[labels == name], axis=0) for name in names}  # each [L+1]
             found = category_intervals(scores, categories, n_boot=n_boot, seed=seed) if n_boot else None
-
             axis_name = f"{natural} → {formal}"
             if middle is not None:
                 mid = means[middle]
@@ -118,12 +117,12 @@ def score_ordering(
             for which, layer in at_layers:
                 for name in names:
                     spread = scores[labels == name, layer]
+                    low, high = _interval(found, name, layer) or (None, None)
                     means_rows.append({
                         "model": model.label, "axis": axis_name, "at": which, "layer": layer,
                         "depth": layer / model.n_layers, "category": name, "mean": _snap(means[name][layer]),
                         "sd": float(np.std(spread, ddof=1)) if spread.size > 1 else None, "n": int(spread.size),
-                        "low": (_interval(found, name, layer) or [None, None])[0],
-                        "high": (_interval(found, name, layer) or [None, None])[1],
+                        "low": low, "high": high,
                     })
                 if middle is None:
                     continue
