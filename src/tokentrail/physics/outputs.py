@@ -66,10 +66,10 @@ def _compare_groups(values: np.ndarray, categories: Sequence[str], axis: tuple[s
 def physics_summary(result: PhysicsResult, categories: Sequence[str], axis: tuple[str, str] | None,
                     options: PhysicsOptions) -> dict[str, Any]:
     """The headline readings (see the module docstring), JSON-ready."""
+    probed = _probed(categories, result)
     summary: dict[str, Any] = {"options": options.__dict__, "notes": result.notes, "seconds": result.seconds,
                                "prompts": len(categories), "probed_prompts": result.probed,
-                               "probed_by_category": {name: _probed(categories, result).count(name)
-                                                      for name in dict.fromkeys(categories)}}
+                               "probed_by_category": {name: probed.count(name) for name in dict.fromkeys(categories)}}
     relative = _nanmean(result.relative_step, 0)
     summary["ode"] = {
         "median_relative_step": float(np.nanmedian(result.relative_step)),
@@ -94,7 +94,7 @@ def physics_summary(result: PhysicsResult, categories: Sequence[str], axis: tupl
             "mean_by_layer": total.mean(axis=0), "log_partition_mean_by_layer": partition.mean(axis=0),
             "depth_trend": _trend(total.mean(axis=0)),
             "log_partition_depth_trend": _trend(partition.mean(axis=0)),
-            "formal_vs_natural": _compare_groups(total.mean(axis=1), _probed(categories, result), axis),
+            "formal_vs_natural": _compare_groups(total.mean(axis=1), probed, axis),
         }
     if result.expansion is not None:
         rates = result.expansion.mean(axis=0)
@@ -254,7 +254,8 @@ def _rows(result: PhysicsResult, prompt_ids: Sequence[str], categories: Sequence
             for key, values in result.clustering.items():
                 row[f"token_{key}"] = float(_nanmean(values[:, layer], 0))
         layers.append(row)
-    probe_of = {int(row): position for position, row in enumerate(result.probed_at)}  # trace row -> row of the probe arrays
+    # trace row -> its row in the probe arrays
+    probe_of = {int(row): position for position, row in enumerate(result.probed_at)}
     for i, (prompt_id, category) in enumerate(zip(prompt_ids, categories)):
         probed = probe_of.get(i)
         for layer in range(n_layers + 1):
